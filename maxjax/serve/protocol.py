@@ -1,0 +1,88 @@
+"""What the HTTP layer and the engine say to each other.
+
+The HTTP layer turns an OpenAI request into a `GenerationRequest` (token ids + `SamplingParams`), submits it
+with `Engine.generate`, and iterates the `GenerationOutput`s that come back, one per engine step in which the
+request produced something. Text (detokenization, stop strings) is the HTTP layer's business; the engine deals
+only in token ids. Closing the iterator early (a stop string matched, the client went away) cancels the
+request: the engine frees its batch row and KV pages at the next step boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; every field becomes a per-row array in the decode graph."""
+
+    max_tokens: int = 16
+    """Most tokens to generate (the engine also stops at the context length)."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """Same seed and parameters, same tokens (for a request run alone)."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    """End-of-sequence and stop tokens are suppressed until this many tokens are generated."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra token ids that end generation (besides the model's end-of-sequence ids)."""
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely alternatives."""
+    prompt_logprobs: int | None = None
+    """None: none. k >= 0: logprobs of every prompt token after the first (for `echo` with `logprobs`)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob) of the most likely tokens at this position, best first."""
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """What one request got from one engine step."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One entry per token in `token_ids` when the request asked for logprobs."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """Only on the first output, when asked: one entry per prompt token, None for the first."""
+    finish_reason: FinishReason | None = None
+    """Set on the last output of a request: 'stop' (an end-of-sequence or stop token id) or 'length'."""
+
+
+class Engine(Protocol):
+    """The device side as the HTTP layer sees it."""
+
+    model_name: str
+    max_model_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full."""
+        ...
+
+
+class QueueFullError(Exception):
+    """The engine's queue is full: the HTTP layer answers 429 with Retry-After."""
