@@ -1,0 +1,59 @@
+"""Frozen configuration objects. Every default is decided here, once; validation names the bad value and the fix.
+
+`PipelineConfig` = `ModelConfig` (which weights, which dtype, which devices) + `KVCacheConfig` (the page pool) +
+`SchedulerConfig` (batch and chunk sizes) + `ServerConfig` (the HTTP side). The CLI builds these from flags;
+nothing else reads flags or environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side of `max serve`."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. The default keeps the server private to this machine."""
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every /v1 route answers 401 unless the request has `Authorization: Bearer <api_key>`."""
+    served_model_name: str | None = None
+    """The model id clients use; defaults to the --model value (or the default model's name)."""
+    max_queue_size: int = 256
+    """Requests waiting for a batch row beyond this get 429 with Retry-After."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range: use 0-65535")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size {self.max_queue_size} must be at least 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How requests are batched."""
+
+    max_batch_size: int = 32
+    """Most rows in one decode step."""
+    max_length: int | None = None
+    """Longest sequence (prompt + output) in tokens; None = the model's own context length."""
+    prefill_chunk_size: int = 512
+    """Prompt tokens processed in one prefill step; longer prompts are chunked so decodes keep running."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size {self.max_batch_size} must be at least 1")
+        if self.max_length is not None and self.max_length < 16:
+            raise ValueError(f"max_length {self.max_length} is too small: use at least 16")
+        if self.prefill_chunk_size < 16 or self.prefill_chunk_size & (self.prefill_chunk_size - 1):
+            raise ValueError(f"prefill_chunk_size {self.prefill_chunk_size} must be a power of two >= 16")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything `max serve` / `max generate` need, built once from the command line."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
