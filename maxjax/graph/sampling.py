@@ -1,0 +1,90 @@
+"""Sampling inside the step graph: every setting is a per-row array, so no request's settings recompile anything.
+
+Greedy rows take the argmax of the full vocabulary. Sampled rows draw from the `CANDIDATES` most likely tokens
+(top-k, top-p and min-p are applied within them): a full-vocabulary sort costs 9 ms at batch 1 and 290 ms at
+batch 32 on a 2-core CPU, and the mass beyond the 256th token is negligible for any top-p < 1 in practice.
+The logprobs returned are those of the model's own distribution (before temperature and truncation), as
+OpenAI and vLLM report them.
+
+Randomness is per row and per position: the key is `fold_in(key(seed), position)`, so a request with a seed
+draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CANDIDATES = 256
+"""Tokens considered when sampling with temperature > 0."""
+TOP_LOGPROBS = 20
+"""Alternatives returned with every sampled token (OpenAI allows up to 20)."""
+LOGPROB_FLOOR = -9999.0
+"""Logprobs are clamped here: -inf is not JSON."""
+
+
+class SamplingArrays(NamedTuple):
+    temperature: jax.Array
+    """[B] float32; 0 = greedy."""
+    top_p: jax.Array
+    """[B] float32 in (0, 1]."""
+    top_k: jax.Array
+    """[B] int32; 0 = off."""
+    min_p: jax.Array
+    """[B] float32; 0 = off."""
+    seed: jax.Array
+    """[B] uint32."""
+    position: jax.Array
+    """[B] int32: position of the token being sampled (folded into the row's key)."""
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array
+    """[B] int32"""
+    logprobs: jax.Array
+    """[B] float32: log p(token) under the model."""
+    top_ids: jax.Array
+    """[B, TOP_LOGPROBS] int32, best first."""
+    top_logprobs: jax.Array
+    """[B, TOP_LOGPROBS] float32"""
+
+
+def sample(logits: jax.Array, params: SamplingArrays) -> SampleOutput:
+    """logits [B, V] float32 -> one token per row."""
+    b, vocab = logits.shape
+    n_cand = min(CANDIDATES, vocab)
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    cand_logits, cand_ids = jax.lax.top_k(logits, n_cand)  # [B, C], best first
+    # Without the barrier XLA fuses top_k into each consumer and recomputes it (311 ms vs 18 ms at batch 32).
+    cand_logits, cand_ids = jax.lax.optimization_barrier((cand_logits, cand_ids))
+
+    temperature = jnp.maximum(params.temperature, 1e-5)[:, None]
+    scaled = cand_logits / temperature
+    probs = jax.nn.softmax(scaled, axis=-1)
+    rank = jnp.arange(n_cand)[None, :]
+    keep = (params.top_k[:, None] <= 0) | (rank < params.top_k[:, None])
+    # top-p: keep the smallest prefix whose mass reaches top_p (the best token always stays).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < params.top_p[:, None]
+    keep &= probs >= params.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+
+    def row_noise(seed: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return jax.random.gumbel(key, (n_cand,), jnp.float32)
+
+    noise = jax.vmap(row_noise)(params.seed, params.position)
+    choice = jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1)
+    sampled = jnp.take_along_axis(cand_ids, choice[:, None], axis=1)[:, 0]
+    tokens = jnp.where(params.temperature > 0, sampled, cand_ids[:, 0]).astype(jnp.int32)
+
+    logprobs = jnp.take_along_axis(logits, tokens[:, None], axis=1)[:, 0] - log_z[:, 0]
+    top_logprobs = cand_logits[:, :TOP_LOGPROBS] - log_z
+    return SampleOutput(
+        tokens=tokens,
+        logprobs=jnp.maximum(logprobs, LOGPROB_FLOOR),
+        top_ids=cand_ids[:, :TOP_LOGPROBS].astype(jnp.int32),
+        top_logprobs=jnp.maximum(top_logprobs, LOGPROB_FLOOR),
+    )
