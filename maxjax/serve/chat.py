@@ -1,0 +1,163 @@
+"""`POST /v1/chat/completions`: messages in, one assistant message per choice out (whole, or streamed as SSE).
+
+The path: validate the body (`ChatCompletionRequest`, then `.check`) → render the chat template and tokenize (in
+a worker thread: a long conversation must not stall other streams) → size the token budget against the context
+→ one engine request per choice (`ChoiceRunner`) → either collect every `Piece` into a `chat.completion`, or
+send them as `chat.completion.chunk` events as they come.
+
+Stream shape (what the `openai` client and its users rely on): every chunk has the same id, created and model;
+each choice index opens with `delta: {"role": "assistant", "content": ""}`; content chunks carry no role;
+each index closes with one chunk whose delta is `{}` and whose `finish_reason` is set; with
+`stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
+then `data: [DONE]`. A failure after the first byte is an event with a top-level `error` (the client raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Response
+
+from maxjax.serve.choices import (
+    SSE_DONE,
+    Choice,
+    ChoiceRunner,
+    check_model,
+    choice_seed,
+    json_response,
+    new_id,
+    sse,
+    stream_error,
+    token_budget,
+    usage,
+)
+from maxjax.serve.metrics import Metrics
+from maxjax.serve.protocol import Engine, GenerationRequest, TokenLogprob
+from maxjax.serve.schemas import ApiError, ChatCompletionRequest, parse_request
+from maxjax.serve.text import ChoiceText, TextTokenizer, chat_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+def chat_prompt_ids(tokenizer: TextTokenizer, request: ChatCompletionRequest) -> list[int]:
+    """Render the chat template and tokenize; a template that refuses the messages is the client's 400."""
+    messages = [m.template_dict() for m in request.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, **(request.chat_template_kwargs or {})
+        )
+    except Exception as exc:
+        logger.info("chat template failed: %s", exc)
+        raise ApiError(f"The chat template could not render these messages: {exc}", param="messages") from exc
+    # The template writes the special tokens (BOS included) itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(
+    body: dict[str, Any],
+    *,
+    engine: Engine,
+    tokenizer: TextTokenizer,
+    model: str,
+    metrics: Metrics,
+    arrived: float,
+) -> Response:
+    request = parse_request(ChatCompletionRequest, body, vocab_size=tokenizer.vocab_size)
+    check_model(request.model, model)
+    prompt_ids = tuple(await asyncio.to_thread(chat_prompt_ids, tokenizer, request))
+    max_tokens = token_budget(
+        len(prompt_ids), request.requested_max_tokens, engine.max_model_len, default=None, param="messages"
+    )
+    top_n = (request.top_logprobs or 0) if request.logprobs else None
+    request_id = new_id("chatcmpl")
+    choices = [
+        Choice(
+            index=i,
+            request=GenerationRequest(
+                f"{request_id}-{i}",
+                prompt_ids,
+                request.sampling_params(max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=top_n),
+            ),
+            text=ChoiceText(
+                tokenizer,
+                stop=request.stop or (),
+                include_stop_str_in_output=bool(request.include_stop_str_in_output),
+                stop_token_ids=request.stop_token_ids or (),
+                ignore_eos=bool(request.ignore_eos),
+            ),
+        )
+        for i in range(request.n or 1)
+    ]
+    runner = ChoiceRunner(engine, choices, metrics, arrived=arrived)
+    await runner.start()
+    head = {"id": request_id, "created": int(time.time()), "model": model}
+    if request.stream:
+        stream = _stream(runner, tokenizer, head, top_n, len(prompt_ids), include_usage=request.include_usage)
+        return Response(stream, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _collect(runner, tokenizer, head, top_n, len(prompt_ids))
+
+
+async def _collect(
+    runner: ChoiceRunner, tokenizer: TextTokenizer, head: dict[str, Any], top_n: int | None, prompt_tokens: int
+) -> Response:
+    n = len(runner.choices)
+    texts = [""] * n
+    entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    async for update in runner.updates():
+        texts[update.index] += update.piece.text
+        entries[update.index] += update.piece.logprobs
+        finish[update.index] = update.piece.finish_reason or finish[update.index]
+    body = {
+        **head,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": None if top_n is None else {"content": chat_logprobs(tokenizer, entries[i], top_n)},
+                "finish_reason": finish[i],
+            }
+            for i in range(n)
+        ],
+        "usage": usage(prompt_tokens, runner.completion_tokens),
+    }
+    return json_response(body)
+
+
+async def _stream(
+    runner: ChoiceRunner,
+    tokenizer: TextTokenizer,
+    head: dict[str, Any],
+    top_n: int | None,
+    prompt_tokens: int,
+    *,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    base = {**head, "object": "chat.completion.chunk"}
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, delta: dict[str, str], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return sse({**base, "choices": [choice]})
+
+    try:
+        for i in range(len(runner.choices)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for update in runner.updates():
+            piece = update.piece
+            if piece.text or piece.logprobs:
+                logprobs = None if top_n is None else {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
+                yield chunk(update.index, {"content": piece.text}, logprobs)
+            if piece.finish_reason is not None:
+                yield chunk(update.index, {}, None, piece.finish_reason)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
+        yield SSE_DONE
+    except Exception as exc:
+        yield stream_error(exc)

@@ -1,0 +1,98 @@
+"""Running the app: Hypercorn on one bound socket, the model loading beside it, a clean exit either way.
+
+`serve(config, load)` is what `max serve` calls:
+
+1. Bind host:port first, so a port in use fails at once (a `UserError`), not after minutes of loading.
+2. Start Hypercorn on that socket, and `load(state)` in a daemon thread. Until `load` has filled in the engine and
+   tokenizer and called `state.set_ready()` (done for it if it returns without), `/health` and `/v1` answer 503.
+3. Stop on SIGINT/SIGTERM (open streams get `GRACEFUL_TIMEOUT_S` to finish), or when loading fails or the engine
+   calls `state.fatal(message)`: one line goes to the log and `serve` raises `SystemExit(1)`, never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart
+
+from maxjax.config import ServerConfig
+from maxjax.errors import UserError
+from maxjax.serve.app import ServingState, create_app
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_TIMEOUT_S = 5.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port; read it back with `getsockname()`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host.strip("[]"), port), family=family, backlog=1024)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --host or --port") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets: no Nagle on SSE
+    return sock
+
+
+async def run(app: Quart, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve `app` on the bound `sock` until `stop` is set. Hypercorn takes the socket over and closes it."""
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.accesslog = None
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def serve(config: ServerConfig, load: Callable[[ServingState], None], *, state: ServingState | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; raise `SystemExit(1)` when loading fails or the engine gives up."""
+    state = state or ServingState(model_name=config.served_model_name or "model")
+    sock = bind(config.host, config.port)
+    port = sock.getsockname()[1]
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    failure = asyncio.run(_serve(create_app(config, state), sock, state, load, f"http://{host}:{port}"))
+    if failure is not None:
+        raise SystemExit(1)
+
+
+async def _serve(
+    app: Quart, sock: socket.socket, state: ServingState, load: Callable[[ServingState], None], url: str
+) -> str | None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failures: list[str] = []
+
+    def fail(message: str) -> None:  # called from the loader or engine thread
+        failures.append(message)
+        loop.call_soon_threadsafe(stop.set)
+
+    state.on_fatal = fail
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    logger.info("listening on %s; loading the model (GET /health answers 200 once it is ready)", url)
+    threading.Thread(target=_load, args=(load, state, url), name="maxjax-load", daemon=True).start()
+    await run(app, sock, stop)
+    return failures[0] if failures else None
+
+
+def _load(load: Callable[[ServingState], None], state: ServingState, url: str) -> None:
+    try:
+        load(state)
+        if not state.ready:
+            state.set_ready()
+    except UserError as exc:
+        state.fatal(f"loading the model failed: {exc}")
+        return
+    except BaseException as exc:  # a bug, not bad input: keep the traceback
+        logger.exception("loading the model failed")
+        state.fatal(f"loading the model failed: {type(exc).__name__}: {exc}")
+        return
+    logger.info("model '%s' is ready at %s/v1", state.model_name, url)
