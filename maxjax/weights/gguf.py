@@ -135,7 +135,9 @@ class GGUFFile:
                 f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}): pass a .gguf model file"
             )
         if size < _HEADER_MIN_BYTES:
-            raise UserError(f"{path} is truncated ({size} bytes, no room for a GGUF header): download it again")
+            raise UserError(
+                f"{path} is truncated ({size} bytes, no room for a GGUF header): download it again"
+            )
         try:
             reader = _CheckedReader(path)
         except UserError:
@@ -150,9 +152,13 @@ class GGUFFile:
                 "the download is incomplete, fetch the file again"
             ) from None
         except Exception as e:  # gguf-py signals corrupt headers with assorted exceptions and asserts
-            raise UserError(f"{path} has an unreadable GGUF header ({_one_line(e)}); fetch the file again") from None
+            raise UserError(
+                f"{path} has an unreadable GGUF header ({_one_line(e)}); fetch the file again"
+            ) from None
         if reader.byte_order != "I":
-            raise UserError(f"{path} is a big-endian GGUF file: convert it to little-endian with llama.cpp's gguf tools")
+            raise UserError(
+                f"{path} is a big-endian GGUF file: convert it to little-endian with llama.cpp's gguf tools"
+            )
         return reader
 
     @cached_property
@@ -182,7 +188,9 @@ class GGUFFile:
         try:
             return field.contents()
         except Exception as e:
-            raise UserError(f"{self.path}: metadata key {key!r} is unreadable ({_one_line(e)}); fetch it again") from None
+            raise UserError(
+                f"{self.path}: metadata key {key!r} is unreadable ({_one_line(e)}); fetch it again"
+            ) from None
 
     @cached_property
     def architecture(self) -> str:
@@ -267,7 +275,19 @@ class GGUFFile:
 
 
 # GGUF metadata value types: struct format of each scalar type; 8 is a string, 9 an array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -320,7 +340,9 @@ def peek_metadata(path: str | Path, keys: Iterable[str]) -> dict[str, Any]:
                     raise struct.error("a metadata value runs past the end of the file")
 
             if buf[:4] != GGUF_MAGIC:
-                raise UserError(f"{path} is not a GGUF file (it starts with {bytes(buf[:4])!r}): pass a .gguf model file")
+                raise UserError(
+                    f"{path} is not a GGUF file (it starts with {bytes(buf[:4])!r}): pass a .gguf model file"
+                )
             pos = 4
             version = take("<I")
             count_fmt = "<I" if version == 1 else "<Q"
@@ -341,7 +363,9 @@ def peek_metadata(path: str | Path, keys: Iterable[str]) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"cannot open GGUF file {path}: {e.strerror or e}; check the path") from None
     except (struct.error, ValueError, OverflowError) as e:
-        raise UserError(f"{path} has a truncated or corrupt GGUF header ({_one_line(e)}); fetch the file again") from None
+        raise UserError(
+            f"{path} has a truncated or corrupt GGUF header ({_one_line(e)}); fetch the file again"
+        ) from None
     return found
 
 

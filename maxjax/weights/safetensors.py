@@ -76,7 +76,9 @@ class _File:
         self._parse()
 
     def _fail(self, problem: str) -> UserError:
-        return UserError(f"{self.path} is not a valid safetensors file: {problem}; download the checkpoint again")
+        return UserError(
+            f"{self.path} is not a valid safetensors file: {problem}; download the checkpoint again"
+        )
 
     def _parse(self) -> None:
         try:
@@ -92,7 +94,9 @@ class _File:
                     raise self._fail(f"header length {header_len} is over the format's 100 MiB limit")
                 raw = f.read(header_len)
         except OSError as e:
-            raise UserError(f"cannot read {self.path}: {e.strerror or e}; check the path and permissions") from None
+            raise UserError(
+                f"cannot read {self.path}: {e.strerror or e}; check the path and permissions"
+            ) from None
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -121,7 +125,9 @@ class _File:
             raise self._fail(f"tensor {name!r} has a negative dimension or offsets {begin}..{end}")
         n_bytes = math.prod(shape) * dtype.itemsize
         if end - begin != n_bytes:
-            raise self._fail(f"tensor {name!r} is {dtype_name}{list(shape)} ({n_bytes} bytes) but spans {end - begin}")
+            raise self._fail(
+                f"tensor {name!r} is {dtype_name}{list(shape)} ({n_bytes} bytes) but spans {end - begin}"
+            )
         if data_start + end > size:
             raise self._fail(
                 f"tensor {name!r} ends at byte {data_start + end} but the file has only {size} bytes (truncated)"
@@ -171,11 +177,15 @@ class SafetensorsWeights:
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is not a valid shard index ({e}); download the checkpoint again") from None
+            raise UserError(
+                f"{index} is not a valid shard index ({e}); download the checkpoint again"
+            ) from None
         for shard_name in sorted(set(weight_map.values())):
             shard = self.model_dir / str(shard_name)
             if not shard.is_file():
-                raise UserError(f"{index} lists shard {shard_name!r}, which is missing: download the checkpoint again")
+                raise UserError(
+                    f"{index} lists shard {shard_name!r}, which is missing: download the checkpoint again"
+                )
             self._files[shard] = _File(shard)
         for name, shard_name in weight_map.items():
             file = self._files[self.model_dir / str(shard_name)]
