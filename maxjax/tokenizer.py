@@ -84,6 +84,9 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of `ids` as a sequence start: bytes that are not valid UTF-8 become U+FFFD (one per maximal
+        invalid run, as Python and Rust decode; tokenizers' SentencePiece ByteFallback gives one per byte there),
+        and a SentencePiece vocabulary's prefix space is removed, as HF decodes."""
         n, tb, special = self.vocab_size, self._token_bytes, self._special_ids
         raw = b"".join(tb[i] for i in ids if 0 <= i < n and not (skip_special_tokens and i in special))
         text = raw.decode("utf-8", errors="replace")
@@ -100,6 +103,7 @@ class Tokenizer:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def is_special(self, token_id: int) -> bool:
+        """Control tokens (`<|im_end|>`, `<s>`) and the named bos/eos/unk/pad ids: what skip_special_tokens drops."""
         return token_id in self._special_ids
 
     def apply_chat_template(
@@ -121,12 +125,18 @@ class Tokenizer:
             **extra,
         )
 
-    def detokenizer(self, *, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
-        """A fresh streaming decoder; its output joined equals `decode(ids, skip_special_tokens=...)`."""
+    def detokenizer(
+        self, *, skip_special_tokens: bool = False, continuation: bool = False
+    ) -> IncrementalDetokenizer:
+        """A fresh streaming decoder; its output joined equals `decode(ids, skip_special_tokens=...)`.
+
+        continuation=True: the ids continue a prompt (generated text), so a SentencePiece vocabulary's leading
+        space is kept -- prompt text + this text then equals decode(prompt + generated), as vLLM and TGI stream
+        it. decode() strips that space because it sees the start of a sequence. Byte-level vocabularies: no-op.
+        """
         skipped = self._special_ids if skip_special_tokens else frozenset()
-        return IncrementalDetokenizer(
-            self._token_bytes, skipped, strip_leading_space=self._strip_leading_space
-        )
+        strip = self._strip_leading_space and not continuation
+        return IncrementalDetokenizer(self._token_bytes, skipped, strip_leading_space=strip)
 
 
 class IncrementalDetokenizer:

@@ -309,6 +309,12 @@ def test_detokenizer_sentencepiece_drops_the_prefix_space_once(tiny_spm: Tokeniz
     with_bos = [1, *ids]
     assert "".join(_stream(tiny_spm, with_bos)) == tiny_spm.decode(with_bos) == "<s> hello world"
     assert "".join(_stream(tiny_spm, with_bos, skip_special_tokens=True)) == "hello world"
+    # Generated text continuing a prompt keeps its space: prompt text + streamed text == decode(prompt + generated).
+    prompt, generated = tiny_spm.encode("The café"), tiny_spm.encode("hello world")
+    detok = tiny_spm.detokenizer(continuation=True)
+    streamed = "".join([detok.add(i) for i in generated] + [detok.flush()])
+    assert streamed == " hello world"
+    assert tiny_spm.decode(prompt) + streamed == tiny_spm.decode(prompt + generated) == "The café hello world"
 
 
 # ---- chat templates ---------------------------------------------------------------------------------------------
