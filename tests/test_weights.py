@@ -225,6 +225,78 @@ def test_gguf_without_file_type_infers_from_tensor_types(
     assert f.encoding == "q5_1" == file_encoding(path)
 
 
+# --- GGUF: K-quants (gguf-py reads but cannot write them): hand-packed blocks against the format's definition ---
+
+QK_K = 256
+
+
+def _k_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random K-quant blocks as bytes, and the values they encode, decoded here from the layout in ggml
+    (every sub-block gets scale 2 and min 4, with d = 0.5 and dmin = 0.25, so a value is q - 1 for Q4_K/Q5_K)."""
+    half = np.float16
+    if qtype == Q.Q6_K:  # ql[128] qh[64] scales[16] (int8) d (f16); value = d * scale * (6-bit q - 32)
+        ql = rng.integers(0, 256, (n_blocks, 128), dtype=np.uint8)
+        qh = rng.integers(0, 256, (n_blocks, 64), dtype=np.uint8)
+        scales = rng.integers(-8, 8, (n_blocks, 16)).astype(np.int8)
+        d = np.full((n_blocks, 1), 0.5, half)
+        raw = np.concatenate([ql, qh, scales.view(np.uint8), d.view(np.uint8)], axis=1)
+        values = np.empty((n_blocks, QK_K), np.float32)
+        for h in range(2):  # two halves of 128 values
+            lq, hq = ql[:, 64 * h : 64 * h + 64], qh[:, 32 * h : 32 * h + 32]
+            quads = [
+                (lq[:, :32] & 0xF) | ((hq >> 0) & 3) << 4,
+                (lq[:, 32:] & 0xF) | ((hq >> 2) & 3) << 4,
+                (lq[:, :32] >> 4) | ((hq >> 4) & 3) << 4,
+                (lq[:, 32:] >> 4) | ((hq >> 6) & 3) << 4,
+            ]
+            for k, q in enumerate(quads):
+                for half_of_32 in range(2):  # a scale per 16 values
+                    cols = slice(16 * half_of_32, 16 * half_of_32 + 16)
+                    scale = scales[:, 8 * h + 2 * k + half_of_32 : 8 * h + 2 * k + half_of_32 + 1].astype(
+                        np.float32
+                    )
+                    out = slice(128 * h + 32 * k + 16 * half_of_32, 128 * h + 32 * k + 16 * half_of_32 + 16)
+                    values[:, out] = 0.5 * scale * (q[:, cols].astype(np.float32) - 32)
+        return raw, values
+    # Q4_K / Q5_K: d, dmin (f16), 12 bytes of 6-bit scales and mins, [qh[32] for Q5_K], qs[128]
+    d = np.full((n_blocks, 1), 0.5, half).view(np.uint8)
+    dmin = np.full((n_blocks, 1), 0.25, half).view(np.uint8)
+    packed = np.array([2] * 4 + [4] * 4 + [2 | 4 << 4] * 4, np.uint8)  # scale 2, min 4 for all 8 sub-blocks
+    scales = np.broadcast_to(packed, (n_blocks, 12))
+    qs = rng.integers(0, 256, (n_blocks, 128), dtype=np.uint8)
+    qh = (
+        rng.integers(0, 256, (n_blocks, 32), dtype=np.uint8)
+        if qtype == Q.Q5_K
+        else np.zeros((n_blocks, 32), np.uint8)
+    )
+    values = np.empty((n_blocks, QK_K), np.float32)
+    for c in range(4):  # 64 values per 32 bytes of qs: low nibbles first, then high nibbles
+        chunk = qs[:, 32 * c : 32 * c + 32]
+        low = (chunk & 0xF) + ((qh >> (2 * c)) & 1) * 16
+        high = (chunk >> 4) + ((qh >> (2 * c + 1)) & 1) * 16
+        values[:, 64 * c : 64 * c + 32] = 0.5 * 2 * low - 0.25 * 4
+        values[:, 64 * c + 32 : 64 * c + 64] = 0.5 * 2 * high - 0.25 * 4
+    parts: list[np.ndarray] = [d, dmin, scales, *([qh] if qtype == Q.Q5_K else []), qs]
+    return np.concatenate(parts, axis=1), values
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_gguf_k_quants_decode_by_the_format(tmp_path: Path, qtype: Q) -> None:
+    rows, cols = 3, 2 * QK_K
+    raw, values = _k_blocks(qtype, rows * cols // QK_K, np.random.default_rng(7))
+    assert raw.shape[1] == gguf.GGML_QUANT_SIZES[qtype][1]
+    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    writer.add_tensor("w", raw.reshape(rows, -1), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    f = GGUFFile(tmp_path / "k.gguf")
+    assert f.tensor_info("w").shape == (rows, cols)
+    assert f.encoding == encodings.from_ggml_type(qtype)  # no file type: inferred from the one matrix
+    np.testing.assert_array_equal(f.tensor("w"), values.reshape(rows, cols))
+
+
 # --- GGUF: corrupt files fail with one clear line --------------------------------------------------------------
 
 
