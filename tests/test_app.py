@@ -23,9 +23,11 @@ from openai import AsyncOpenAI, OpenAI
 
 from maxjax.config import ServerConfig
 from maxjax.serve.app import ServingState
+from maxjax.serve.choices import Choice, ChoiceRunner
 from maxjax.serve.fake_engine import FakeEngine
-from maxjax.serve.protocol import SamplingParams
-from maxjax.serve.text import LOGPROB_FLOOR
+from maxjax.serve.metrics import Metrics
+from maxjax.serve.protocol import GenerationRequest, SamplingParams
+from maxjax.serve.text import LOGPROB_FLOOR, ChoiceText
 from maxjax.tokenizer import Tokenizer
 from tests.serve_helpers import WORDS, Server, load_tokenizer, running_server
 
@@ -421,6 +423,7 @@ def test_queue_full_is_429(tok: Tokenizer) -> None:
             busy = httpx.post(url, json={"messages": USER})
             assert_error(busy, 429)
             assert busy.headers["retry-after"]
+            assert_error(httpx.post(url, json={"messages": USER, "stream": True}), 429)  # a status, not a stream
             with pytest.raises(openai.RateLimitError):
                 client(srv).chat.completions.create(model=MODEL, messages=USER)
             # n=2 needs two rows: refused as a whole, and nothing is left behind in the engine.
@@ -453,6 +456,32 @@ def test_disconnect_cancels_the_engine_request(tok: Tokenizer, route: str) -> No
         ids = [r.request_id for r in engine.requests]
         assert wait_for(lambda: set(ids) <= set(engine.cancelled)), (ids, engine.cancelled)
         assert not engine.live and not engine.finished
+
+
+def test_disconnect_while_waiting_for_a_whole_answer(tok: Tokenizer) -> None:
+    engine = make_engine(tok, delay_s=0.01)
+    with running_server(ready_state(engine, tok)) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.base_url + "/completions", json={"prompt": "x", "max_tokens": 200, "n": 2}, timeout=0.2)
+        ids = [r.request_id for r in engine.requests]
+        assert len(ids) == 2 and wait_for(lambda: set(ids) <= set(engine.cancelled)), engine.cancelled
+
+
+def test_a_body_never_sent_still_frees_the_rows(tok: Tokenizer) -> None:
+    """The client can leave between the headers and the first byte of a stream: the generator that would have
+    closed the engine requests never starts, so the runner closes them when it is dropped."""
+    engine = make_engine(tok)
+
+    async def main() -> None:
+        request = GenerationRequest("r-0", (1, 2), SamplingParams(max_tokens=50))
+        runner = ChoiceRunner(engine, [Choice(0, request, ChoiceText(tok))], Metrics(), arrived=0.0)
+        await runner.start()
+        assert engine.live == {"r-0"}
+        del runner
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert engine.cancelled == ["r-0"] and not engine.live
 
 
 def test_async_client_concurrent_streams(server: Server) -> None:

@@ -15,8 +15,9 @@ The path of a request:
 
 Policy for request fields (see schemas.py for every field and range):
 
-- Unknown top-level fields are a 400 `Unrecognized request argument supplied: <name>`, with `param` naming it,
-  as on OpenAI's own API and MAX: a typo (`max_token`, `temprature`) must not be silently ignored. Fields that
+- Unknown fields are a 400 `Unrecognized request argument supplied: <name>`, with `param` naming it (also inside
+  `messages[i]` and `stream_options`), as on OpenAI's own API and MAX: a typo (`max_token`, `temprature`) must
+  not be silently ignored. Fields that
   OpenAI defines and that change nothing about the tokens (`user`, `metadata`, `store`, `service_tier`,
   `prompt_cache_key`, `safety_identifier`, `parallel_tool_calls`, `reasoning_effort`,
   `stream_options.include_obfuscation`) are accepted and ignored. The extensions `top_k`, `min_p`,
@@ -100,7 +101,6 @@ class ServingState:
 def create_app(config: ServerConfig, state: ServingState) -> Quart:
     app = Quart("maxjax.serve")
     app.config["RESPONSE_TIMEOUT"] = None  # a long generation is not a stuck response
-    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     def serving() -> tuple[Engine, TextTokenizer]:

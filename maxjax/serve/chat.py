@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from quart import Response
@@ -108,10 +109,11 @@ async def _collect(
     texts = [""] * n
     entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
-    async for update in runner.updates():
-        texts[update.index] += update.piece.text
-        entries[update.index] += update.piece.logprobs
-        finish[update.index] = update.piece.finish_reason or finish[update.index]
+    async with aclosing(runner.updates()) as updates:
+        async for update in updates:
+            texts[update.index] += update.piece.text
+            entries[update.index] += update.piece.logprobs
+            finish[update.index] = update.piece.finish_reason or finish[update.index]
     body = {
         **head,
         "object": "chat.completion",
@@ -149,13 +151,14 @@ async def _stream(
     try:
         for i in range(len(runner.choices)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for update in runner.updates():
-            piece = update.piece
-            if piece.text or piece.logprobs:
-                logprobs = None if top_n is None else {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
-                yield chunk(update.index, {"content": piece.text}, logprobs)
-            if piece.finish_reason is not None:
-                yield chunk(update.index, {}, None, piece.finish_reason)
+        async with aclosing(runner.updates()) as updates:
+            async for update in updates:
+                piece = update.piece
+                if piece.text or piece.logprobs:
+                    logprobs = None if top_n is None else {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
+                    yield chunk(update.index, {"content": piece.text}, logprobs)
+                if piece.finish_reason is not None:
+                    yield chunk(update.index, {}, None, piece.finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
         yield SSE_DONE

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,8 +144,18 @@ class ChoiceRunner:
         self.arrived = arrived
         self.iterators: list[AsyncIterator[GenerationOutput]] = []
         self.completion_tokens = 0
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __del__(self) -> None:
+        # A streamed response whose body never started (the client left between the headers and the first
+        # byte) never runs `updates()`: close its engine requests anyway, or their rows would generate for no one.
+        if self.iterators and not self._closed and self._loop is not None and not self._loop.is_closed():
+            iterators = list(self.iterators)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_aclose_all(iterators)))
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         try:
             for choice in self.choices:
                 self.iterators.append(self.engine.generate(choice.request))
@@ -161,16 +171,17 @@ class ChoiceRunner:
         self.metrics.count_tokens(prompt=sum(len(c.request.prompt_ids) for c in self.choices))
 
     async def close(self) -> None:
-        for it in self.iterators:
-            await _aclose(it)
+        self._closed = True
+        await _aclose_all(self.iterators)
 
-    async def updates(self) -> AsyncIterator[Update]:
+    async def updates(self) -> AsyncGenerator[Update, None]:
         queue: asyncio.Queue[Update | _Failed | None] = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._drive(choice, it, queue), name=choice.request.request_id)
             for choice, it in zip(self.choices, self.iterators, strict=True)
         ]
         running = len(tasks)
+        self._closed = True  # from here on the tasks own the iterators and close them
         try:
             while running:
                 item = await queue.get()
@@ -214,6 +225,11 @@ class ChoiceRunner:
             queue.put_nowait(_Failed(exc))
         finally:
             await _aclose(it)
+
+
+async def _aclose_all(iterators: Sequence[AsyncIterator[Any]]) -> None:
+    for it in iterators:
+        await _aclose(it)
 
 
 async def _aclose(it: AsyncIterator[Any]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,11 +157,12 @@ async def _collect(runner: ChoiceRunner, view: _View, head: dict[str, Any], prom
     texts = [""] * n
     logprobs: list[CompletionLogprobs | None] = [None] * n
     finish: list[str | None] = [None] * n
-    async for update in runner.updates():
-        text, lp = view.render(update)
-        texts[update.index] += text
-        logprobs[update.index] = _merge(logprobs[update.index], lp)
-        finish[update.index] = update.piece.finish_reason or finish[update.index]
+    async with aclosing(runner.updates()) as updates:
+        async for update in updates:
+            text, lp = view.render(update)
+            texts[update.index] += text
+            logprobs[update.index] = _merge(logprobs[update.index], lp)
+            finish[update.index] = update.piece.finish_reason or finish[update.index]
     choices = [
         {"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]} for i in range(n)
     ]
@@ -177,12 +179,13 @@ async def _stream(
         return sse({**base, "choices": [choice]})
 
     try:
-        async for update in runner.updates():
-            text, logprobs = view.render(update)
-            if text or logprobs:
-                yield chunk(update.index, text, logprobs, None)
-            if update.piece.finish_reason is not None:
-                yield chunk(update.index, "", None, update.piece.finish_reason)
+        async with aclosing(runner.updates()) as updates:
+            async for update in updates:
+                text, logprobs = view.render(update)
+                if text or logprobs:
+                    yield chunk(update.index, text, logprobs, None)
+                if update.piece.finish_reason is not None:
+                    yield chunk(update.index, "", None, update.piece.finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
         yield SSE_DONE

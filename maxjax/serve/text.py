@@ -60,7 +60,7 @@ class TextTokenizer(Protocol):
         template: str | None = None,
         **extra: Any,
     ) -> str: ...
-    def detokenizer(self) -> Detokenizer: ...
+    def detokenizer(self, *, skip_special_tokens: bool = False, continuation: bool = False) -> Detokenizer: ...
 
 
 class StopMatcher:
@@ -133,7 +133,8 @@ class ChoiceText:
     ) -> None:
         """`offset`: characters already in front of this choice's text (the echoed prompt), for `text_offset`."""
         self.tokenizer = tokenizer
-        self.detok = tokenizer.detokenizer()
+        # continuation: generated text follows a prompt, so a SentencePiece leading space is real text.
+        self.detok = tokenizer.detokenizer(continuation=True)
         self.matcher = StopMatcher(stop, include_stop=include_stop_str_in_output)
         self.include_stop = include_stop_str_in_output
         self.ending_ids = frozenset(stop_token_ids) | (frozenset() if ignore_eos else tokenizer.eos_token_ids)
