@@ -19,6 +19,7 @@ from maxjax.models.layers import (
     RMSNorm,
     apply_rope,
     paged_attention,
+    project,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -56,8 +57,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))
         self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        # Always its own [D, V] copy, even when tied: the transposed product is what decode wants.
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array,
@@ -75,7 +75,9 @@ class LlamaForCausalLM(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, N, D]
-        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else project(x, self.embed[...])
+        logits = logits.astype(jnp.float32)
         return logits, jnp.stack(new_k), jnp.stack(new_v)
 
 
@@ -84,36 +86,28 @@ class LlamaForCausalLM(nnx.Module):
 
 def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dict[str, Any]:
     """The model's parameters as a pure dict (the shape of `nnx.to_pure_dict`), from HF tensor names."""
-
-    def t(name: str) -> np.ndarray:  # HF [out, in] -> our [in, out]
-        return np.ascontiguousarray(get(name).T)
-
     layers = {}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = {"kernel": np.concatenate([t(p + f"self_attn.{n}_proj.weight") for n in "qkv"], axis=1)}
+        qkv = {"kernel": np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])}
         if cfg.attention_bias:
             qkv["bias"] = np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        gate_up = np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
         layers[i] = {
             "input_norm": {"weight": get(p + "input_layernorm.weight")},
             "qkv": qkv,
-            "o": {"kernel": t(p + "self_attn.o_proj.weight")},
+            "o": {"kernel": get(p + "self_attn.o_proj.weight")},
             "post_norm": {"weight": get(p + "post_attention_layernorm.weight")},
-            "mlp": {
-                "gate_up": {
-                    "kernel": np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")], axis=1)
-                },
-                "down": {"kernel": t(p + "mlp.down_proj.weight")},
-            },
+            "mlp": {"gate_up": {"kernel": gate_up}, "down": {"kernel": get(p + "mlp.down_proj.weight")}},
         }
-    embed = get("model.embed_tokens.weight")
-    head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
-    return {
-        "embed": embed,
+    params: dict[str, Any] = {
+        "embed": get("model.embed_tokens.weight"),
         "layers": layers,
         "norm": {"weight": get("model.norm.weight")},
-        "lm_head": {"kernel": np.ascontiguousarray(head.T)},
     }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight")}
+    return params
 
 
 # --------------------------------------------------------------------------------------------- GGUF

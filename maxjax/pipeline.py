@@ -1,0 +1,131 @@
+"""Load a resolved model: its config, weights (cast or dequantized to the serving dtype) and tokenizer.
+
+`load_model` is the one place that joins the weight readers (`maxjax/weights/`), the registry and the model
+modules; both `max generate` and `max serve` start here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxjax.errors import UserError
+from maxjax.hub import ResolvedModel
+from maxjax.models.config import TransformerConfig
+from maxjax.registry import Registry, SupportedArchitecture, default_registry
+from maxjax.weights import encodings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    config: TransformerConfig
+    architecture: SupportedArchitecture
+    model: nnx.Module
+    dtype: Any
+    tokenizer: Any
+    """maxjax.tokenizer.Tokenizer"""
+
+
+def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
+    """An explicitly asked-for float encoding wins; else float32 on CPU (XLA's bfloat16 matmuls are slow there)
+    and bfloat16 on accelerators."""
+    if encodings.is_float(resolved.encoding) and resolved.needs_conversion:
+        return jnp.dtype(resolved.encoding)
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+
+
+def load_model(
+    resolved: ResolvedModel, *, registry: Registry | None = None, platform: str | None = None
+) -> LoadedModel:
+    registry = registry or default_registry()
+    platform = platform or jax.devices()[0].platform
+    dtype = serving_dtype(resolved, platform)
+    start = time.perf_counter()
+    if resolved.kind == "gguf":
+        config, arch, get, tokenizer = _open_gguf(resolved, registry)
+    else:
+        config, arch, get, tokenizer = _open_hf(resolved, registry)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def get_cast(name: str) -> np.ndarray:
+        return get(name).astype(np_dtype, copy=False)
+
+    params = arch.load_params(config, get_cast)
+    abstract = nnx.eval_shape(lambda: arch.model_class(config, dtype))
+    graphdef, state = nnx.split(abstract)
+    expected = {path: (leaf.shape, leaf.dtype) for path, leaf in _flat(state)}
+    try:
+        nnx.replace_by_pure_dict(state, params)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{resolved.path}: weights do not fit the {arch.name} model ({e})") from None
+    for path, leaf in _flat(state):
+        if isinstance(leaf, jax.ShapeDtypeStruct) or (leaf.shape, leaf.dtype) != expected[path]:
+            got = "nothing" if isinstance(leaf, jax.ShapeDtypeStruct) else f"{leaf.shape} {leaf.dtype}"
+            raise UserError(f"{resolved.path}: weight {path} should be {expected[path]}, got {got}")
+    model = nnx.merge(graphdef, state)
+    log.info("loaded %s (%s) as %s in %.1f s", resolved.name, resolved.stored_encoding, jnp.dtype(dtype).name,
+             time.perf_counter() - start)
+    return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=tokenizer)
+
+
+def _flat(state: nnx.State) -> list[tuple[str, Any]]:
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
+
+
+def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
+    from maxjax.tokenizer import load_gguf_tokenizer
+    from maxjax.weights.gguf import GGUFFile
+
+    file = GGUFFile(resolved.path)
+    metadata = file.metadata
+    arch = registry.for_gguf(file.architecture)
+    assert arch.gguf_to_hf_config and arch.gguf_name_to_hf and arch.gguf_tensor_to_hf
+    names = set(file.tensor_names)
+    hf_config = arch.gguf_to_hf_config(metadata, names)
+    config = TransformerConfig.from_hf(hf_config)
+    to_gguf = {}
+    for name in names:
+        hf_name = arch.gguf_name_to_hf(name)
+        if hf_name is not None:
+            to_gguf[hf_name] = name
+    tensor_to_hf = arch.gguf_tensor_to_hf
+
+    def get(hf_name: str) -> np.ndarray:
+        if hf_name not in to_gguf:
+            raise UserError(f"{resolved.path}: the file has no tensor for {hf_name}; is it a complete model?")
+        return tensor_to_hf(hf_name, file.tensor(to_gguf[hf_name]), hf_config)
+
+    return config, arch, get, load_gguf_tokenizer(metadata)
+
+
+def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
+    from maxjax.tokenizer import load_hf_tokenizer
+    from maxjax.weights.safetensors import SafetensorsWeights
+
+    config_path = resolved.path / "config.json"
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_path}: cannot read the model config ({e}); is the checkpoint complete?") from None
+    hf_config = hf_config.get("text_config", hf_config) | {"architectures": hf_config.get("architectures")}
+    arch = registry.get((hf_config.get("architectures") or ["?"])[0])
+    config = TransformerConfig.from_hf(hf_config)
+    weights = SafetensorsWeights(resolved.path)
+
+    def get(name: str) -> np.ndarray:
+        if name not in weights:
+            raise UserError(f"{resolved.path}: the checkpoint has no tensor {name}; is it complete?")
+        return weights.get(name)
+
+    return config, arch, get, load_hf_tokenizer(resolved.config_dir or resolved.path)

@@ -1,0 +1,120 @@
+"""Time the decode step the server runs (the same compiled graph, sampling included) at several batch sizes.
+
+    .venv/bin/python scripts/bench_decode.py [--model PATH] [--batch 1 8 32] [--context 256] [--runs 5]
+
+Each row attends `--context` cached tokens; row 0 samples with temperature 0.8 and top-p 0.9, the rest are
+greedy. Prints the median step time over `--runs` runs of `--steps` steps (each step waits for its tokens,
+as the engine loop does), and beside it this machine's memory bandwidth and float32 matmul rate as JAX
+measures them on all cores (best of 5), so the numbers can be read against the roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxjax.graph.buckets import BucketGrid
+from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
+from maxjax.graph.sampling import SamplingArrays
+from maxjax.hub import resolve_model
+from maxjax.pipeline import load_model
+
+
+def best_of(fn, n: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine_rates() -> tuple[float, float]:
+    """(GB/s read by a jitted sum over 1 GiB, float32 GFLOP/s of a 4096^2 matmul)."""
+    big = jnp.ones((256, 1024, 1024), jnp.float32)
+    total = jax.jit(jnp.sum)
+    read_s = best_of(lambda: total(big).block_until_ready())
+    del big
+    a = jnp.ones((4096, 4096), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    mm_s = best_of(lambda: matmul(a, a).block_until_ready())
+    return 2**30 / read_s / 1e9, 2 * 4096**3 / mm_s / 1e9
+
+
+def decode_inputs(rows: int, bucket: int, context: int, page_size: int, pages_bucket: int) -> StepInputs:
+    pages_per_row = -(-(context + 1) // page_size)
+    page_table = np.zeros((bucket, pages_bucket), np.int32)
+    slots = np.zeros((bucket, 1), np.int32)
+    for r in range(rows):
+        pages = 1 + r * pages_per_row + np.arange(pages_per_row)
+        page_table[r, : min(pages_per_row, pages_bucket)] = pages[:pages_bucket]
+        slots[r, 0] = pages[context // page_size] * page_size + context % page_size
+    temperature = np.zeros(bucket, np.float32)
+    top_p = np.ones(bucket, np.float32)
+    temperature[0], top_p[0] = 0.8, 0.9
+    return StepInputs(
+        tokens=np.full((bucket, 1), 42, np.int32),
+        past_len=np.array([context] * rows + [0] * (bucket - rows), np.int32),
+        slots=slots,
+        page_table=page_table,
+        logit_index=np.zeros((bucket, 1), np.int32),
+        sampling=SamplingArrays(
+            temperature=temperature, top_p=top_p, top_k=np.zeros(bucket, np.int32),
+            min_p=np.zeros(bucket, np.float32), seed=np.arange(bucket, dtype=np.uint32),
+            position=np.full(bucket, context, np.int32),
+        ),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--page-size", type=int, default=16)
+    args = parser.parse_args()
+
+    loaded = load_model(resolve_model(args.model))
+    cfg = loaded.config
+    max_batch = max(args.batch)
+    pages_per_row = -(-(args.context + 1) // args.page_size)
+    grid = BucketGrid(max_batch_size=max_batch, prefill_chunk=16, max_pages=pages_per_row)
+    spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
+                     loaded.dtype)
+    runner = ModelRunner(loaded.model, spec, grid)
+    print(f"device {jax.devices()[0]}, dtype {jnp.dtype(loaded.dtype).name}, context {args.context} tokens, "
+          f"page size {args.page_size}")
+    for rows in args.batch:
+        bucket = grid.batch_bucket(rows)
+        pages = grid.pages_bucket(-(-args.context // args.page_size))
+        inputs = decode_inputs(rows, bucket, args.context, args.page_size, pages)
+        start = time.perf_counter()
+        runner.compile((bucket, 1, pages))
+        compile_s = time.perf_counter() - start
+
+        def run() -> None:
+            for _ in range(args.steps):
+                np.asarray(runner.step(inputs).tokens)
+
+        run()
+        step_ms = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            run()
+            step_ms.append((time.perf_counter() - start) / args.steps * 1e3)
+        ms = statistics.median(step_ms)
+        print(f"batch {rows:3d}: {ms:7.2f} ms/step  {rows / ms * 1e3:7.1f} tok/s   (compile {compile_s:.1f} s)")
+    bandwidth, gflops = machine_rates()
+    print(f"machine: memory read {bandwidth:.1f} GB/s, float32 matmul {gflops:.0f} GFLOP/s (JAX, all cores, best of 5)")
+
+
+if __name__ == "__main__":
+    main()
