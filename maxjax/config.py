@@ -52,8 +52,30 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class KVCacheConfig:
+    """The paged KV cache."""
+
+    page_size: int = 16
+    """Tokens per page."""
+    device_memory_utilization: float = 0.9
+    """Share of the device's memory the server may use; the KV pool gets what the weights leave. On CPU the
+    device's memory is what the OS reports available at start."""
+    num_pages: int | None = None
+    """An explicit pool size in pages (tests use a small one); overrides the utilization budget."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.device_memory_utilization <= 1.0:
+            raise ValueError(
+                f"device_memory_utilization {self.device_memory_utilization} must be in (0, 1], e.g. 0.9"
+            )
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size {self.page_size} must be a power of two")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything `max serve` / `max generate` need, built once from the command line."""
 
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

@@ -40,7 +40,6 @@ def machine_rates() -> tuple[float, float]:
     big = jnp.ones((256, 1024, 1024), jnp.float32)
     total = jax.jit(jnp.sum)
     read_s = best_of(lambda: total(big).block_until_ready())
-    del big
     a = jnp.ones((4096, 4096), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     mm_s = best_of(lambda: matmul(a, a).block_until_ready())
@@ -100,7 +99,7 @@ def main() -> None:
         runner.compile((bucket, 1, pages))
         compile_s = time.perf_counter() - start
 
-        def run() -> None:
+        def run(inputs: StepInputs = inputs) -> None:
             for _ in range(args.steps):
                 np.asarray(runner.step(inputs).tokens)
 

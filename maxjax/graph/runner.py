@@ -16,11 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from maxjax.graph.buckets import BucketGrid
-from maxjax.graph.sampling import SampleOutput, SamplingArrays, sample
+from maxjax.graph.sampling import Arr, SampleOutput, SamplingArrays, sample
 from maxjax.models.layers import KVCache, write_kv
 
 log = logging.getLogger(__name__)
@@ -29,15 +28,15 @@ log = logging.getLogger(__name__)
 class StepInputs(NamedTuple):
     """One step's batch, padded to a bucket. Rows past the live ones are padding (n_new = 0)."""
 
-    tokens: np.ndarray
+    tokens: Arr
     """[B, T] int32"""
-    past_len: np.ndarray
+    past_len: Arr
     """[B] int32: tokens already cached for the row."""
-    slots: np.ndarray
+    slots: Arr
     """[B, T] int32: where each new token's K/V goes (page * page_size + offset); padding -> page 0."""
-    page_table: np.ndarray
+    page_table: Arr
     """[B, P] int32: the row's pages covering its past (page 0 beyond them)."""
-    logit_index: np.ndarray
+    logit_index: Arr
     """[B, 1] int32: which new token's logits to sample from (the row's last)."""
     sampling: SamplingArrays
     """Per-row sampling arrays (numpy)."""
@@ -85,11 +84,11 @@ def abstract_inputs(rows: int, tokens: int, pages: int) -> StepInputs:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     return StepInputs(
-        tokens=s((rows, tokens), i32),  # type: ignore[arg-type]
-        past_len=s((rows,), i32),  # type: ignore[arg-type]
-        slots=s((rows, tokens), i32),  # type: ignore[arg-type]
-        page_table=s((rows, pages), i32),  # type: ignore[arg-type]
-        logit_index=s((rows, 1), i32),  # type: ignore[arg-type]
+        tokens=s((rows, tokens), i32),
+        past_len=s((rows,), i32),
+        slots=s((rows, tokens), i32),
+        page_table=s((rows, pages), i32),
+        logit_index=s((rows, 1), i32),
         sampling=SamplingArrays(
             temperature=s((rows,), f32), top_p=s((rows,), f32), top_k=s((rows,), i32),
             min_p=s((rows,), f32), seed=s((rows,), jnp.uint32), position=s((rows,), i32),

@@ -12,7 +12,7 @@ draws the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +25,23 @@ LOGPROB_FLOOR = -9999.0
 """Logprobs are clamped here: -inf is not JSON."""
 
 
+Arr = Any
+"""A jax.Array, a NumPy array or a jax.ShapeDtypeStruct: the same tuples carry host batches, device arrays and
+the abstract shapes warm-up lowers with."""
+
+
 class SamplingArrays(NamedTuple):
-    temperature: jax.Array
+    temperature: Arr
     """[B] float32; 0 = greedy."""
-    top_p: jax.Array
+    top_p: Arr
     """[B] float32 in (0, 1]."""
-    top_k: jax.Array
+    top_k: Arr
     """[B] int32; 0 = off."""
-    min_p: jax.Array
+    min_p: Arr
     """[B] float32; 0 = off."""
-    seed: jax.Array
+    seed: Arr
     """[B] uint32."""
-    position: jax.Array
+    position: Arr
     """[B] int32: position of the token being sampled (folded into the row's key)."""
 
 

@@ -233,7 +233,7 @@ def paged_attention(
             out = out * correction + jnp.einsum("bkms,bkse->bkme", p.astype(v_blk.dtype), v_blk)
             return new_max, run_sum, out
 
-        carry = (run_max, run_sum, out)
+        carry: tuple[jax.Array, ...] = (run_max, run_sum, out)
         n_blocks = num_pages // block_pages
         carry = visit(0, carry) if n_blocks == 1 else jax.lax.fori_loop(0, n_blocks, visit, carry)
         run_max, run_sum, out = carry
@@ -242,14 +242,14 @@ def paged_attention(
     return out.reshape(b, k_heads, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 
 
-def write_kv(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax.Array) -> KVCache:
+def write_kv(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax.typing.ArrayLike) -> KVCache:
     """Write the step's new keys/values of every layer into the pools in one scatter each.
 
     new_k / new_v [L, B, T, K, E]; slots [B, T] = page * page_size + offset (padding tokens point into page 0).
     The pools are donated by the caller, so XLA updates them in place.
     """
     ps = cache.page_size
-    flat = slots.reshape(-1)
+    flat = jnp.asarray(slots).reshape(-1)
     pages, offsets = flat // ps, flat % ps
     n_layers, _, _, k_heads, e = new_k.shape
     k_vals = new_k.reshape(n_layers, -1, k_heads, e).transpose(1, 0, 2, 3)  # [B*T, L, K, E]

@@ -1,0 +1,85 @@
+"""The `max` command. Imports nothing heavy at module level: `max --help` must answer at once."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from maxjax import __version__
+from maxjax.benchmark import benchmark
+from maxjax.errors import UserError
+
+
+class _Group(click.Group):
+    """Turns a UserError into one line on stderr and exit status 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="maxjax")
+@click.option("--log-level", default="INFO", show_default=True, help="Python log level.")
+def main(log_level: str) -> None:
+    """maxjax: serve language models behind an OpenAI-compatible API, on JAX/XLA."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def model_options(f: Any) -> Any:
+    """The flags that say which weights to load and where."""
+    for option in reversed([
+        click.option("--model", default=None, help="HF id, local directory or .gguf file [default: SmolLM2-135M-Instruct Q4_1]."),
+        click.option("--revision", default=None, help="Revision (branch, tag, commit) of an HF id."),
+        click.option("--quantization-encoding", default=None,
+                     help="Which GGUF encoding to use, or a float type to dequantize to (float32, bfloat16, ...)."),
+        click.option("--devices", default=None, help="cpu, gpu, gpu:0 or tpu [default: JAX's default backend]."),
+    ]):
+        f = option(f)
+    return f
+
+
+@main.command()
+@model_options
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0.0, 2.0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=None, type=int)
+def generate(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
+             prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+             min_p: float, seed: int | None) -> None:
+    """Generate text for one prompt, streamed to stdout."""
+    from maxjax.generate import generate as run
+    from maxjax.serve.protocol import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            min_p=min_p, seed=seed)
+    result = run(model=model, prompt=prompt, chat=chat, params=params, devices=devices,
+                 quantization_encoding=quantization_encoding, revision=revision)
+    click.echo(
+        f"prompt tokens: {result.prompt_tokens}, generated: {len(result.token_ids)}, "
+        f"time to first token: {result.time_to_first_token_s * 1e3:.0f} ms, "
+        f"decode: {result.decode_tokens_per_s:.1f} tok/s",
+        err=True,
+    )
+
+
+@main.command()
+def fetch() -> None:
+    """Fetch the default model (SmolLM2-135M-Instruct Q4_1) into the cache, if it is not there yet."""
+    from maxjax.fetch import default_model_path
+
+    click.echo(default_model_path())
+
+
+main.add_command(benchmark)

@@ -1,0 +1,81 @@
+"""`max generate`: one prompt through the same engine step the server runs, streamed to stdout."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from maxjax.config import KVCacheConfig, SchedulerConfig
+from maxjax.devices import DeviceSpec
+from maxjax.hub import resolve_model
+from maxjax.pipeline import load_model
+from maxjax.serve.engine_core import EngineCore
+from maxjax.serve.protocol import GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+
+
+def generate(
+    *, model: str | None, prompt: str, chat: bool, params: SamplingParams, devices: str | None = None,
+    quantization_encoding: str | None = None, revision: str | None = None, stream: bool = True,
+) -> GenerateResult:
+    device = DeviceSpec.parse(devices).select()[0]
+    loaded = load_model(resolve_model(model, revision=revision, quantization_encoding=quantization_encoding),
+                        platform=device.platform)
+    tok = loaded.tokenizer
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompt_ids = tok.encode(text)
+    else:
+        prompt_ids = tok.encode(prompt, add_special_tokens=True)
+    if not prompt_ids:
+        prompt_ids = [tok.bos_token_id if tok.bos_token_id is not None else 0]
+    max_length = len(prompt_ids) + params.max_tokens
+    core = EngineCore.create(
+        loaded, device, SchedulerConfig(max_batch_size=1, max_length=max(max_length, 16)),
+        KVCacheConfig(num_pages=-(-max(max_length, 16) // 16) + 1),
+    )
+    # Compile the buckets this request will use before the clock starts (the server compiles its whole grid).
+    grid, ps = core.grid, core.page_size
+    shapes = {(1, grid.chunk_bucket(min(len(prompt_ids), grid.prefill_chunk)), 0)}
+    shapes |= {(1, 1, grid.pages_bucket(-(-n // ps))) for n in range(len(prompt_ids), max_length)}
+    if len(prompt_ids) > grid.prefill_chunk:
+        shapes |= {(1, grid.prefill_chunk, grid.pages_bucket(-(-n // ps)))
+                   for n in range(grid.prefill_chunk, len(prompt_ids), grid.prefill_chunk)}
+    core.runner.warm_up(sorted(shapes))
+    core.add(GenerationRequest("generate", tuple(prompt_ids), params))
+    detok = tok.detokenizer()
+    start = time.perf_counter()
+    first = None
+    ids: list[int] = []
+    pieces: list[str] = []
+    while core.scheduler.has_work:
+        for _, out in core.step():
+            if first is None:
+                first = time.perf_counter()
+            for token in out.token_ids:
+                ids.append(token)
+                if out.finish_reason == "stop" and token == out.token_ids[-1]:
+                    continue  # the end-of-sequence token is not text
+                piece = detok.add(token)
+                pieces.append(piece)
+                if stream and piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+    tail = detok.flush()
+    pieces.append(tail)
+    if stream:
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+    end = time.perf_counter()
+    first = first or end
+    decode_rate = (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0
+    return GenerateResult("".join(pieces), ids, len(prompt_ids), first - start, decode_rate)

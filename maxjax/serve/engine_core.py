@@ -1,0 +1,213 @@
+"""The synchronous engine step: schedule -> run -> postprocess, the way nano-vllm reads.
+
+`EngineCore.step()` asks the scheduler for a plan, turns it into bucketed NumPy batches (one prefill chunk, one
+decode batch), runs them on the device through the `ModelRunner`, and appends the sampled tokens to their
+sequences, reporting what each request got and whether it finished. `max generate` drives it directly; the
+server's engine thread (`serve/engine.py`) drives it in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from maxjax.config import KVCacheConfig, SchedulerConfig
+from maxjax.graph.buckets import BucketGrid
+from maxjax.graph.memory import device_memory_bytes, plan_kv_pages
+from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
+from maxjax.graph.sampling import SampleOutput, SamplingArrays
+from maxjax.pipeline import LoadedModel
+from maxjax.serve.protocol import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from maxjax.serve.scheduler import Plan, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    params: SamplingParams
+    seed: int
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int]):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos_token_ids = eos_token_ids
+        self.grid = runner.grid
+        self.page_size = scheduler.page_size
+
+    @classmethod
+    def create(
+        cls, loaded: LoadedModel, device: jax.Device, scheduler: SchedulerConfig, kv: KVCacheConfig,
+        *, max_queue: int = 1 << 30,
+    ) -> EngineCore:
+        """Place the weights, size the KV pool from what is left, and set up the bucket grid."""
+        cfg = loaded.config
+        max_length = min(scheduler.max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        pages_per_row = -(-max_length // kv.page_size)
+        spec = CacheSpec(cfg.num_layers, 2, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.model))
+        if kv.num_pages is not None:
+            num_pages = kv.num_pages
+        else:
+            budget = int(device_memory_bytes(device) * kv.device_memory_utilization)
+            if device.platform == "cpu":
+                budget -= weight_bytes  # not yet placed: on CPU the OS figure still counts them as free
+            num_pages = plan_kv_pages(
+                bytes_per_page=spec.bytes_per_page, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
+                max_length=max_length, budget_bytes=budget,
+            )
+        spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
+        chunk = min(scheduler.prefill_chunk_size, 1 << (max_length - 1).bit_length())
+        grid = BucketGrid(max_batch_size=scheduler.max_batch_size, prefill_chunk=max(chunk, 16), max_pages=pages_per_row)
+        runner = ModelRunner(loaded.model, spec, grid, device)
+        log.info(
+            "KV cache: %d pages of %d tokens = %d tokens (%.0f MiB); weights %.0f MiB",
+            num_pages - 1, kv.page_size, (num_pages - 1) * kv.page_size, num_pages * spec.bytes_per_page / 2**20,
+            weight_bytes / 2**20,
+        )
+        sched = Scheduler(
+            num_pages=num_pages, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
+            max_length=max_length, chunk_size=grid.prefill_chunk, max_queue=max_queue,
+        )
+        return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
+
+    def add(self, request: GenerationRequest) -> Sequence | None:
+        """Queue a request; None when the queue is full. ValueError when it can never fit."""
+        params = request.params
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt=list(request.prompt_ids),
+            max_new_tokens=params.max_tokens,
+            payload=_Request(params=params, seed=seed % 2**32),
+        )
+        return seq if self.scheduler.add(seq) else None
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+
+    def step(self) -> list[tuple[Sequence, GenerationOutput]]:
+        """Run one iteration; returns the outputs produced, finished sequences already removed."""
+        plan = self.scheduler.plan()
+        results: list[tuple[Sequence, GenerationOutput]] = []
+        if plan.empty:
+            return results
+        prefill_out = self._run_prefill(plan) if plan.prefill is not None else None
+        decode_out = self._run_decode(plan.decode) if plan.decode else None
+        # Fetch both results in one transfer, after both steps were dispatched.
+        prefill_host, decode_host = jax.device_get((prefill_out, decode_out))
+        if plan.prefill is not None:
+            seq = plan.prefill
+            seq.cached += plan.prefill_tokens
+            if not seq.in_prefill:
+                results.append((seq, self._append(seq, prefill_host, 0)))
+        for row, seq in enumerate(plan.decode):
+            seq.cached += 1
+            results.append((seq, self._append(seq, decode_host, row)))
+        for seq, out in results:
+            if out.finish_reason is not None:
+                self.scheduler.finish(seq)
+        return results
+
+    # ------------------------------------------------------------------------------------- batches
+
+    def _page_table(self, seqs: list[Sequence], rows: int) -> np.ndarray:
+        """Pages covering each row's cached past, padded to the bucket (page 0 beyond)."""
+        need = max(-(-s.cached // self.page_size) for s in seqs)
+        width = self.grid.pages_bucket(need)
+        table = np.zeros((rows, width), np.int32)
+        for r, s in enumerate(seqs):
+            n = min(-(-s.cached // self.page_size), width)
+            table[r, :n] = s.pages[:n]
+        return table
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
+
+    def _sampling(self, seqs: list[Sequence], rows: int, positions: list[int]) -> SamplingArrays:
+        temperature = np.zeros(rows, np.float32)
+        top_p = np.ones(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        min_p = np.zeros(rows, np.float32)
+        seed = np.zeros(rows, np.uint32)
+        position = np.zeros(rows, np.int32)
+        for r, s in enumerate(seqs):
+            req: _Request = s.payload
+            p = req.params
+            temperature[r], top_p[r], top_k[r], min_p[r] = p.temperature, p.top_p, p.top_k, p.min_p
+            seed[r], position[r] = req.seed, positions[r]
+        return SamplingArrays(temperature, top_p, top_k, min_p, seed, position)
+
+    def _run_prefill(self, plan: Plan) -> SampleOutput:
+        seq = plan.prefill
+        assert seq is not None
+        n = plan.prefill_tokens
+        width = self.grid.chunk_bucket(n)
+        tokens = np.zeros((1, width), np.int32)
+        slots = np.zeros((1, width), np.int32)  # padding writes go to page 0
+        chunk = range(seq.cached, seq.cached + n)
+        tokens[0, :n] = seq.tokens[seq.cached : seq.cached + n]
+        slots[0, :n] = [self._slot(seq, p) for p in chunk]
+        page_table = self._page_table([seq], 1) if seq.cached else np.zeros((1, 0), np.int32)
+        inputs = StepInputs(
+            tokens=tokens,
+            past_len=np.array([seq.cached], np.int32),
+            slots=slots,
+            page_table=page_table,
+            logit_index=np.array([[n - 1]], np.int32),
+            sampling=self._sampling([seq], 1, [seq.cached + n]),
+        )
+        return self.runner.step(inputs)
+
+    def _run_decode(self, seqs: list[Sequence]) -> SampleOutput:
+        rows = self.grid.batch_bucket(len(seqs))
+        tokens = np.zeros((rows, 1), np.int32)
+        past_len = np.zeros(rows, np.int32)
+        slots = np.zeros((rows, 1), np.int32)
+        for r, s in enumerate(seqs):
+            tokens[r, 0] = s.tokens[s.cached]
+            past_len[r] = s.cached
+            slots[r, 0] = self._slot(s, s.cached)
+        inputs = StepInputs(
+            tokens=tokens,
+            past_len=past_len,
+            slots=slots,
+            page_table=self._page_table(seqs, rows),
+            logit_index=np.zeros((rows, 1), np.int32),
+            sampling=self._sampling(seqs, rows, [s.cached + 1 for s in seqs]),
+        )
+        return self.runner.step(inputs)
+
+    # --------------------------------------------------------------------------------- postprocess
+
+    def _append(self, seq: Sequence, out: SampleOutput, row: int) -> GenerationOutput:
+        req: _Request = seq.payload
+        params = req.params
+        token = int(out.tokens[row])
+        seq.tokens.append(token)
+        logprobs = None
+        if params.logprobs is not None:
+            k = params.logprobs
+            top = tuple(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist(), strict=True))
+            logprobs = (TokenLogprob(token_id=token, logprob=float(out.logprobs[row]), top=top),)
+        return GenerationOutput(token_ids=(token,), logprobs=logprobs, finish_reason=self._finish(seq, token))
+
+    def _finish(self, seq: Sequence, token: int) -> FinishReason | None:
+        params: SamplingParams = seq.payload.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return "stop"
+        if seq.generated >= seq.max_new_tokens or len(seq.tokens) >= self.scheduler.max_length:
+            return "length"
+        return None
