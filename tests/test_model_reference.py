@@ -1,0 +1,88 @@
+"""SmolLM2-135M against the reference numbers (transformers, float32) in tests/fixtures/smollm2_reference.json.
+
+The logits are checked straight through the model's prefill; the greedy continuations run through the real
+engine step (paged KV cache, bucketed batches, in-graph sampling) with all five prompts in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxjax.config import KVCacheConfig, SchedulerConfig
+from maxjax.graph.runner import CacheSpec
+from maxjax.hub import resolve_model
+from maxjax.pipeline import LoadedModel, load_model
+from maxjax.serve.engine_core import EngineCore
+from maxjax.serve.protocol import GenerationRequest, SamplingParams
+
+REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())
+MARGIN_FLOOR = 0.01
+"""A greedy token whose top-2 reference logits are closer than this may flip under other correct numerics."""
+
+
+@pytest.fixture(scope="module")
+def loaded(smollm2_gguf: Path) -> LoadedModel:
+    return load_model(resolve_model(str(smollm2_gguf)), platform="cpu")
+
+
+@pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: f"{c['kind']}-{c['prompt_ids'][:3]}")
+def test_prefill_logits_match_reference(loaded: LoadedModel, case: dict) -> None:
+    ids = case["prompt_ids"]
+    cfg = loaded.config
+    cache = CacheSpec(cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim).allocate()
+    logits, _, _ = loaded.model(
+        jnp.asarray([ids], jnp.int32), cache, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1,), jnp.int32),
+        jnp.asarray([[len(ids) - 1]], jnp.int32),
+    )
+    logits = np.asarray(logits[0, 0])
+    want = case["last_logits_top5"]
+    assert np.argsort(-logits)[:5].tolist() == want["ids"]
+    np.testing.assert_allclose(logits[want["ids"]], want["values"], atol=1e-3)
+
+
+def test_chat_prompts_render_to_reference_ids(loaded: LoadedModel) -> None:
+    for case in REFERENCE["cases"]:
+        if case["kind"] == "chat":
+            text = loaded.tokenizer.apply_chat_template(case["input"], add_generation_prompt=True)
+            assert loaded.tokenizer.encode(text) == case["prompt_ids"]
+
+
+def test_greedy_continuations_match_reference_in_one_batch(loaded: LoadedModel) -> None:
+    core = EngineCore.create(
+        loaded, _cpu(), SchedulerConfig(max_batch_size=8, max_length=128, prefill_chunk_size=32),
+        KVCacheConfig(num_pages=64),
+    )
+    cases = REFERENCE["cases"]
+    seqs = []
+    for i, case in enumerate(cases):
+        params = SamplingParams(max_tokens=len(case["greedy_ids"]), temperature=0.0)
+        seqs.append(core.add(GenerationRequest(f"r{i}", tuple(case["prompt_ids"]), params)))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(cases))}
+    reasons = {}
+    max_rows = 0
+    while core.scheduler.has_work:
+        max_rows = max(max_rows, sum(not s.in_prefill for s in core.scheduler.running))
+        for seq, out in core.step():
+            got[seq.request_id].extend(out.token_ids)
+            if out.finish_reason:
+                reasons[seq.request_id] = out.finish_reason
+    assert max_rows >= 4, "the prompts should have decoded side by side"
+    assert core.scheduler.pages.in_use == 0
+    for i, case in enumerate(cases):
+        want = case["greedy_ids"]
+        margins = case["greedy_top2_margins"]
+        trusted = next((j for j, m in enumerate(margins) if m < MARGIN_FLOOR), len(want))
+        assert got[f"r{i}"][:trusted] == want[:trusted], f"case {i}"
+        assert reasons[f"r{i}"] == ("stop" if want[-1] in loaded.tokenizer.eos_token_ids else "length")
+    assert loaded.tokenizer.decode(got["r0"], skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def _cpu():  # type: ignore[no-untyped-def]
+    import jax
+
+    return jax.devices("cpu")[0]

@@ -1,0 +1,106 @@
+"""The scheduler with plain Python sequences: no JAX, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from maxjax.serve.scheduler import PageAllocator, Scheduler, Sequence
+
+
+def make(num_pages: int = 17, batch: int = 4, max_length: int = 64, chunk: int = 16) -> Scheduler:
+    return Scheduler(num_pages=num_pages, page_size=16, max_batch_size=batch, max_length=max_length,
+                     chunk_size=chunk, max_queue=3)
+
+
+def seq(name: str, prompt_len: int, new: int) -> Sequence:
+    return Sequence(request_id=name, prompt=list(range(prompt_len)), max_new_tokens=new)
+
+
+def run_prefill(s: Scheduler) -> None:
+    """Pretend the device ran the planned prefill chunk."""
+    plan = s.plan()
+    assert plan.prefill is not None
+    plan.prefill.cached += plan.prefill_tokens
+
+
+def test_allocator_hands_out_each_page_once() -> None:
+    a = PageAllocator(9)
+    first, second = a.allocate(3), a.allocate(5)
+    assert sorted(first + second) == list(range(1, 9)) and a.free == 0
+    a.release(first)
+    assert a.free == 3 and a.in_use == 5
+    assert sorted(a.allocate(3)) == sorted(first)
+
+
+def test_pages_reserved_for_whole_length_and_freed_on_finish() -> None:
+    s = make()
+    a = seq("a", 20, 30)  # 50 tokens -> 4 pages
+    s.add(a)
+    s.plan()
+    assert len(a.pages) == 4 and s.pages.in_use == 4
+    s.finish(a)
+    assert s.pages.in_use == 0 and not s.has_work
+
+
+def test_long_prompt_is_chunked_while_others_decode() -> None:
+    s = make(chunk=16)
+    short, long = seq("short", 10, 5), seq("long", 40, 5)
+    s.add(short)
+    s.add(long)
+    run_prefill(s)  # short's whole prompt
+    short.tokens.append(1)
+    plans = []
+    for _ in range(3):
+        plan = s.plan()
+        plans.append((plan.prefill.request_id if plan.prefill else None, plan.prefill_tokens,
+                      [q.request_id for q in plan.decode]))
+        if plan.prefill:
+            plan.prefill.cached += plan.prefill_tokens
+        for q in plan.decode:
+            q.cached += 1
+            q.tokens.append(1)
+    assert plans == [("long", 16, ["short"]), ("long", 16, ["short"]), ("long", 8, ["short"])]
+
+
+def test_batch_size_bounds_running_rows() -> None:
+    s = make(num_pages=64, batch=2)
+    for name in "abc":
+        s.add(seq(name, 8, 8))
+    s.plan()
+    assert [q.request_id for q in s.running] == ["a", "b"] and [q.request_id for q in s.waiting] == ["c"]
+    s.finish(s.running[0])
+    s.plan()
+    assert [q.request_id for q in s.running] == ["b", "c"]
+
+
+def test_requests_wait_for_pages_first_come_first_served() -> None:
+    s = make(num_pages=5)  # 4 usable pages
+    big, small = seq("big", 40, 20), seq("small", 4, 4)  # 4 pages, 1 page
+    s.add(seq("x", 20, 10))  # 2 pages
+    s.plan()
+    s.add(big)
+    s.add(small)
+    s.plan()
+    assert [q.request_id for q in s.running] == ["x"], "small must not overtake big"
+    s.finish(s.running[0])
+    s.plan()
+    assert [q.request_id for q in s.running] == ["big"]
+
+
+def test_queue_limit_and_impossible_requests() -> None:
+    s = make(batch=1)
+    assert all(s.add(seq(f"q{i}", 4, 4)) for i in range(3))
+    assert not s.add(seq("overflow", 4, 4))
+    with pytest.raises(ValueError, match="max_length"):
+        s.add(seq("too-long", 64, 1))
+
+
+def test_cancel_waiting_and_running() -> None:
+    s = make(batch=1)
+    a, b = seq("a", 4, 4), seq("b", 4, 4)
+    s.add(a)
+    s.add(b)
+    s.plan()
+    s.finish(b)  # still waiting
+    s.finish(a)  # running
+    assert not s.has_work and s.pages.in_use == 0
