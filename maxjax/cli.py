@@ -83,3 +83,47 @@ def fetch() -> None:
 
 
 main.add_command(benchmark)
+
+
+@main.command()
+@model_options
+@click.option("--served-model-name", default=None, help="The model id clients send [default: the --model value].")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most sequences in one decode step.")
+@click.option("--max-length", default=None, type=click.IntRange(min=16),
+              help="Longest sequence (prompt + output) [default: the model's context length].")
+@click.option("--device-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of device memory to use; the KV cache gets what the weights leave.")
+@click.option("--kv-cache-page-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--kv-cache-pages", default=None, type=click.IntRange(min=2),
+              help="An explicit KV pool size in pages (overrides --device-memory-utilization).")
+@click.option("--prefill-chunk-size", default=512, show_default=True, type=click.IntRange(min=16),
+              help="Prompt tokens per prefill step (a power of two); longer prompts are chunked.")
+@click.option("--max-queue-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait for a batch row; beyond it, 429.")
+@click.option("--chat-template", default=None, help="A Jinja chat template file (or template text) to use instead of the model's.")
+@click.option("--api-key", default=None, envvar="MAXJAX_API_KEY",
+              help="Require `Authorization: Bearer <key>` on /v1 routes [env: MAXJAX_API_KEY].")
+def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
+          served_model_name: str | None, host: str, port: int, max_batch_size: int, max_length: int | None,
+          device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
+          prefill_chunk_size: int, max_queue_size: int, chat_template: str | None, api_key: str | None) -> None:
+    """Serve a model behind an OpenAI-compatible API."""
+    from maxjax.config import KVCacheConfig, PipelineConfig, SchedulerConfig, ServerConfig
+    from maxjax.serve.launch import run_server
+
+    try:
+        config = PipelineConfig(
+            scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_length=max_length,
+                                      prefill_chunk_size=prefill_chunk_size),
+            kv_cache=KVCacheConfig(page_size=kv_cache_page_size, device_memory_utilization=device_memory_utilization,
+                                   num_pages=kv_cache_pages),
+            server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                                max_queue_size=max_queue_size),
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    run_server(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
+               devices=devices, chat_template=chat_template)

@@ -106,6 +106,11 @@ class Tokenizer:
         """Control tokens (`<|im_end|>`, `<s>`) and the named bos/eos/unk/pad ids: what skip_special_tokens drops."""
         return token_id in self._special_ids
 
+    def set_chat_template(self, source: str) -> None:
+        """Replace the default chat template (`max serve --chat-template`)."""
+        self._templates["default"] = source
+        self.chat_template = source
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

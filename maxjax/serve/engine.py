@@ -1,0 +1,165 @@
+"""The engine thread: continuous batching between the asyncio HTTP side and the device.
+
+The life of a request:
+
+1. An HTTP handler calls `AsyncEngine.generate(request)`. It raises `QueueFullError` at once when the queue is
+   full (the handler answers 429); otherwise it returns an async iterator and puts an "add" into the inbox.
+2. The engine thread loops: it drains the inbox (adds and cancels) into the scheduler, runs one
+   `EngineCore.step()` (at most one prefill chunk plus one decode step for every running sequence), and hands
+   each request's `GenerationOutput` to its asyncio queue with `call_soon_threadsafe`. Requests join and leave
+   the batch at these step boundaries.
+3. The handler's iterator yields the outputs until one carries a finish reason. Closing it early (a stop
+   string matched, the client disconnected) puts a "cancel" into the inbox: the next iteration removes the
+   sequence and frees its batch row and KV pages.
+4. If a step raises, the engine is broken: every open request gets the error, `on_fatal` takes the server
+   down (a crashed loop must not leave clients hanging), and the thread ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from maxjax.serve.engine_core import EngineCore
+from maxjax.serve.metrics import Metrics
+from maxjax.serve.protocol import GenerationOutput, GenerationRequest, QueueFullError
+from maxjax.serve.scheduler import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine loop failed; the request cannot complete."""
+
+
+@dataclass
+class _Stream:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GenerationOutput | BaseException] = field(default_factory=asyncio.Queue)
+    seq: Sequence | None = None
+    done: bool = False
+
+    def deliver(self, item: GenerationOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, *, model_name: str, metrics: Metrics | None = None,
+                 on_fatal: Callable[[str], None] | None = None):
+        self.core = core
+        self.model_name = model_name
+        self.max_model_len = core.scheduler.max_length
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, _Stream]] = []
+        self._wake = threading.Event()
+        self._pending_adds = 0
+        self._stopped = False
+        self._broken: str | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._thread = threading.Thread(target=self._run, name="maxjax-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------ asyncio side
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._broken is not None:
+            raise EngineError(self._broken)
+        with self._lock:
+            if self._pending_adds + len(self.core.scheduler.waiting) >= self.core.scheduler.max_queue:
+                raise QueueFullError(f"{self.core.scheduler.max_queue} requests are already waiting")
+            stream = _Stream(request=request, loop=asyncio.get_running_loop())
+            self._inbox.append(("add", stream))
+            self._pending_adds += 1
+        self._wake.set()
+        return self._iterate(stream)
+
+    async def _iterate(self, stream: _Stream) -> AsyncIterator[GenerationOutput]:
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    stream.done = True
+                    raise item
+                if item.finish_reason is not None:
+                    stream.done = True
+                yield item
+                if stream.done:
+                    return
+        finally:
+            if not stream.done:
+                stream.done = True
+                with self._lock:
+                    self._inbox.append(("cancel", stream))
+                self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -------------------------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.core.scheduler.has_work:
+                    self._report()
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for seq, out in self.core.step():
+                    stream = self._streams.get(id(seq))
+                    if stream is None:
+                        continue
+                    if out.finish_reason is not None:
+                        del self._streams[id(seq)]
+                    stream.deliver(out)
+                self._report()
+        except BaseException as exc:  # a broken engine must not leave clients waiting forever
+            log.exception("the engine loop failed")
+            self._broken = f"the engine failed: {type(exc).__name__}: {exc}"
+            for stream in list(self._streams.values()):
+                stream.deliver(EngineError(self._broken))
+            with self._lock:
+                for _, stream in self._inbox:
+                    stream.deliver(EngineError(self._broken))
+                self._inbox.clear()
+            if self.on_fatal is not None:
+                self.on_fatal(self._broken)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, stream in inbox:
+            if kind == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+                if stream.done:
+                    continue  # cancelled before it reached the scheduler
+                try:
+                    seq = self.core.add(stream.request)
+                except ValueError as exc:
+                    stream.deliver(exc)
+                    continue
+                if seq is None:
+                    stream.deliver(QueueFullError("the queue is full"))
+                    continue
+                stream.seq = seq
+                self._streams[id(seq)] = stream
+            elif stream.seq is not None and self._streams.pop(id(stream.seq), None) is not None:
+                self.core.cancel(stream.seq)
+
+    def _report(self) -> None:
+        if self.metrics is None:
+            return
+        sched = self.core.scheduler
+        self.metrics.set_running_batch_size(len(sched.running))
+        self.metrics.set_queue_depth(len(sched.waiting))
+        self.metrics.set_kv_pages_in_use(sched.pages.in_use)

@@ -1,0 +1,80 @@
+"""`max serve`: bind the port, then load, compile every bucket and start the engine thread in the background.
+
+`/health` answers 503 until the last bucket is compiled, so a ready server never compiles while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from maxjax.config import PipelineConfig
+from maxjax.devices import DeviceSpec
+from maxjax.errors import UserError
+from maxjax.serve.app import ServingState
+from maxjax.serve.server import serve
+
+log = logging.getLogger(__name__)
+
+
+def run_server(config: PipelineConfig, *, model: str | None, revision: str | None,
+               quantization_encoding: str | None, devices: str | None, chat_template: str | None) -> None:
+    device_spec = DeviceSpec.parse(devices)
+    template = _read_template(chat_template) if chat_template else None
+    state = ServingState(model_name=config.server.served_model_name or model or "SmolLM2-135M-Instruct",
+                         model_root=model)
+
+    def load(state: ServingState) -> None:
+        from maxjax.hub import resolve_model
+        from maxjax.pipeline import load_model
+        from maxjax.serve.engine import AsyncEngine
+        from maxjax.serve.engine_core import EngineCore
+
+        device = device_spec.select()[0]
+        resolved = resolve_model(model, revision=revision, quantization_encoding=quantization_encoding)
+        state.model_root = state.model_root or str(resolved.path)
+        loaded = load_model(resolved, platform=device.platform)
+        if template is not None:
+            loaded.tokenizer.set_chat_template(template)
+        try:
+            core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache,
+                                     max_queue=config.server.max_queue_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        shapes = core.grid.all_shapes()
+        start = time.perf_counter()
+        core.runner.warm_up(shapes, progress=_progress(len(shapes)))
+        log.info("compiled %d executables in %.1f s", len(shapes), time.perf_counter() - start)
+        state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
+        engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
+        state.set_ready(engine, loaded.tokenizer)
+
+    serve(config.server, load, state=state)
+
+
+def _read_template(value: str) -> str:
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{%" in value or "{{" in value:
+        return value
+    raise UserError(f"--chat-template {value}: no such file, and not template text")
+
+
+def _progress(total: int):  # type: ignore[no-untyped-def]
+    """A progress bar on a terminal, a log line every tenth of the way otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="compiling", unit="graph")
+        return lambda shape: bar.update(1)
+    done = [0]
+
+    def tick(shape: tuple[int, int, int]) -> None:
+        done[0] += 1
+        if done[0] == total or done[0] % max(1, total // 10) == 0:
+            log.info("compiled %d/%d graphs (last: batch %d, tokens %d, past pages %d)", done[0], total, *shape)
+
+    return tick
