@@ -30,6 +30,9 @@ class _Group(click.Group):
 def main(log_level: str) -> None:
     """maxjax: serve language models behind an OpenAI-compatible API, on JAX/XLA."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        # JAX reports at INFO every backend it probes and does not find (TPU, GPU plug-ins): noise, not news.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def model_options(f: Any) -> Any:

@@ -92,7 +92,13 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
     arch = registry.for_gguf(file.architecture)
     assert arch.gguf_to_hf_config and arch.gguf_name_to_hf and arch.gguf_tensor_to_hf
     names = set(file.tensor_names)
-    hf_config = arch.gguf_to_hf_config(metadata, names)
+    try:
+        hf_config = arch.gguf_to_hf_config(metadata, names)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(
+            f"{resolved.path}: the GGUF metadata lacks a value the {file.architecture} model needs ({e}); "
+            "is the file complete?"
+        ) from None
     config = TransformerConfig.from_hf(hf_config)
     to_gguf = {}
     for name in names:
@@ -119,7 +125,9 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{config_path}: cannot read the model config ({e}); is the checkpoint complete?") from None
     hf_config = hf_config.get("text_config", hf_config) | {"architectures": hf_config.get("architectures")}
-    arch = registry.get((hf_config.get("architectures") or ["?"])[0])
+    if not hf_config.get("architectures"):
+        raise UserError(f"{config_path} names no architectures: add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    arch = registry.get(hf_config["architectures"][0])
     config = TransformerConfig.from_hf(hf_config)
     weights = SafetensorsWeights(resolved.path)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
-from maxjax.graph.sampling import SamplingArrays
+from maxjax.graph.sampling import ADJUST_SLOTS, LogitAdjustments, SamplingArrays
 from maxjax.hub import resolve_model
 from maxjax.pipeline import load_model
 
@@ -68,6 +68,12 @@ def decode_inputs(rows: int, bucket: int, context: int, page_size: int, pages_bu
             min_p=np.zeros(bucket, np.float32), seed=np.arange(bucket, dtype=np.uint32),
             position=np.full(bucket, context, np.int32),
         ),
+        adjust=LogitAdjustments(
+            ids=np.full((bucket, ADJUST_SLOTS), 1 << 30, np.int32), count=np.zeros((bucket, ADJUST_SLOTS), np.float32),
+            seen=np.zeros((bucket, ADJUST_SLOTS), bool), bias=np.zeros((bucket, ADJUST_SLOTS), np.float32),
+            presence=np.zeros(bucket, np.float32), frequency=np.zeros(bucket, np.float32),
+            repetition=np.ones(bucket, np.float32),
+        ),
     )
 
 
@@ -101,7 +107,7 @@ def main() -> None:
 
         def run(inputs: StepInputs = inputs) -> None:
             for _ in range(args.steps):
-                np.asarray(runner.step(inputs).tokens)
+                np.asarray(runner.step(inputs)[0].tokens)
 
         run()
         step_ms = []

@@ -59,11 +59,10 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
 
-    def __call__(
-        self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array,
-        logit_index: jax.Array,
+    def forward(
+        self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """tokens [B, T] -> (logits [B, N, V] at `logit_index` [B, N], new keys and values [L, B, T, K, E])."""
+        """tokens [B, T] -> (final-normed hidden states [B, T, D], new keys and values [L, B, T, K, E])."""
         b, t = tokens.shape
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         positions = past_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -74,11 +73,20 @@ class LlamaForCausalLM(nnx.Module):
             x, k, v = layer(x, cache, i, batch)
             new_k.append(k)
             new_v.append(v)
-        x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, N, D]
-        x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else project(x, self.embed[...])
-        logits = logits.astype(jnp.float32)
-        return logits, jnp.stack(new_k), jnp.stack(new_v)
+        return self.norm(x), jnp.stack(new_k), jnp.stack(new_v)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+        out = self.lm_head(hidden) if self.lm_head is not None else project(hidden, self.embed[...])
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array,
+        logit_index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """tokens [B, T] -> (logits [B, N, V] at `logit_index` [B, N], new keys and values [L, B, T, K, E])."""
+        hidden, new_k, new_v = self.forward(tokens, cache, page_table, past_len)
+        return self.logits(jnp.take_along_axis(hidden, logit_index[:, :, None], axis=1)), new_k, new_v
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -164,12 +172,18 @@ def gguf_tensor_to_hf(hf_name: str, w: np.ndarray, hf_config: Mapping[str, Any])
     return w
 
 
+_GGUF_REQUIRED = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
+
+
 def gguf_to_hf_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     """GGUF metadata -> an HF-style config dict (`TransformerConfig.from_hf` decides the rest)."""
     arch = metadata["general.architecture"]
 
     def key(name: str, default: Any = None) -> Any:
-        return metadata.get(f"{arch}.{name}", default)
+        value = metadata.get(f"{arch}.{name}", default)
+        if value is None and name in _GGUF_REQUIRED:
+            raise KeyError(f"{arch}.{name}")
+        return value
 
     n_heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))

@@ -8,9 +8,10 @@ server's engine thread (`serve/engine.py`) drives it in a loop.
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -18,8 +19,8 @@ import numpy as np
 from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.memory import device_memory_bytes, plan_kv_pages
-from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
-from maxjax.graph.sampling import SampleOutput, SamplingArrays
+from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores, StepInputs
+from maxjax.graph.sampling import ADJUST_SLOTS, BANNED, LogitAdjustments, SampleOutput, SamplingArrays
 from maxjax.pipeline import LoadedModel
 from maxjax.serve.protocol import (
     FinishReason,
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 class _Request:
     params: SamplingParams
     seed: int
+    generated_counts: collections.Counter[int] = field(default_factory=collections.Counter)
+    prompt_tokens: tuple[int, ...] = ()
+    """Distinct prompt tokens, most recent first (repetition penalty only)."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Filled chunk by chunk during prefill when the request asked for them."""
+
+    @property
+    def adjusts(self) -> bool:
+        p = self.params
+        return bool(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty
+                    or p.repetition_penalty != 1.0)
 
 
 class EngineCore:
@@ -87,11 +99,14 @@ class EngineCore:
         """Queue a request; None when the queue is full. ValueError when it can never fit."""
         params = request.params
         seed = params.seed if params.seed is not None else random.getrandbits(32)
+        payload = _Request(params=params, seed=seed % 2**32)
+        if params.repetition_penalty != 1.0:
+            payload.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
         seq = Sequence(
             request_id=request.request_id,
             prompt=list(request.prompt_ids),
             max_new_tokens=params.max_tokens,
-            payload=_Request(params=params, seed=seed % 2**32),
+            payload=payload,
         )
         return seq if self.scheduler.add(seq) else None
 
@@ -104,12 +119,14 @@ class EngineCore:
         results: list[tuple[Sequence, GenerationOutput]] = []
         if plan.empty:
             return results
-        prefill_out = self._run_prefill(plan) if plan.prefill is not None else None
+        prefill_out, scores = self._run_prefill(plan) if plan.prefill is not None else (None, None)
         decode_out = self._run_decode(plan.decode) if plan.decode else None
         # Fetch both results in one transfer, after both steps were dispatched.
-        prefill_host, decode_host = jax.device_get((prefill_out, decode_out))
+        prefill_host, scores, decode_host = jax.device_get((prefill_out, scores, decode_out))
         if plan.prefill is not None:
             seq = plan.prefill
+            if scores is not None:
+                self._add_prompt_logprobs(seq, scores, plan.prefill_tokens)
             seq.cached += plan.prefill_tokens
             if not seq.in_prefill:
                 results.append((seq, self._append(seq, prefill_host, 0)))
@@ -150,7 +167,43 @@ class EngineCore:
             seed[r], position[r] = req.seed, positions[r]
         return SamplingArrays(temperature, top_p, top_k, min_p, seed, position)
 
-    def _run_prefill(self, plan: Plan) -> SampleOutput:
+    def _adjustments(self, seqs: list[Sequence], rows: int) -> LogitAdjustments:
+        vocab = self.runner.vocab_size
+        ids = np.full((rows, ADJUST_SLOTS), vocab, np.int32)
+        count = np.zeros((rows, ADJUST_SLOTS), np.float32)
+        seen = np.zeros((rows, ADJUST_SLOTS), bool)
+        bias = np.zeros((rows, ADJUST_SLOTS), np.float32)
+        presence = np.zeros(rows, np.float32)
+        frequency = np.zeros(rows, np.float32)
+        repetition = np.ones(rows, np.float32)
+        for r, s in enumerate(seqs):
+            req: _Request = s.payload
+            if not req.adjusts:
+                continue
+            p = req.params
+            presence[r], frequency[r], repetition[r] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            edits: dict[int, float] = dict(p.logit_bias)
+            if s.generated < p.min_tokens:
+                ended_by = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                edits.update(dict.fromkeys(ended_by, BANNED))
+            slots = list(edits)
+            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+                # The most recently generated distinct tokens first, then the prompt's, as room allows.
+                recent = dict.fromkeys(reversed(s.tokens[len(s.prompt):]))
+                slots += [t for t in recent if t not in edits]
+                if p.repetition_penalty != 1.0:
+                    slots += [t for t in req.prompt_tokens if t not in edits and t not in recent]
+            slots = slots[:ADJUST_SLOTS]
+            n = len(slots)
+            ids[r, :n] = slots
+            bias[r, :n] = [edits.get(t, 0.0) for t in slots]
+            count[r, :n] = [req.generated_counts.get(t, 0) for t in slots]
+            if p.repetition_penalty != 1.0:
+                context = set(s.tokens)
+                seen[r, :n] = [t in context for t in slots]
+        return LogitAdjustments(ids, count, seen, bias, presence, frequency, repetition)
+
+    def _run_prefill(self, plan: Plan) -> tuple[SampleOutput, PromptScores | None]:
         seq = plan.prefill
         assert seq is not None
         n = plan.prefill_tokens
@@ -168,8 +221,27 @@ class EngineCore:
             page_table=page_table,
             logit_index=np.array([[n - 1]], np.int32),
             sampling=self._sampling([seq], 1, [seq.cached + n]),
+            adjust=self._adjustments([seq], 1),
         )
-        return self.runner.step(inputs)
+        out, hidden = self.runner.step(inputs)
+        if seq.payload.params.prompt_logprobs is None:
+            return out, None
+        # Position p's logits score prompt token p + 1; the chunk's last position scores the first output
+        # token instead, which is not part of the prompt.
+        targets = np.zeros((1, width), np.int32)
+        nxt = seq.prompt[seq.cached + 1 : seq.cached + n + 1]
+        targets[0, : len(nxt)] = nxt
+        return out, self.runner.score(hidden, targets)
+
+    def _add_prompt_logprobs(self, seq: Sequence, scores: PromptScores, n: int) -> None:
+        req: _Request = seq.payload
+        k = req.params.prompt_logprobs or 0
+        count = min(n, len(seq.prompt) - 1 - seq.cached)
+        for i in range(count):
+            top = tuple(zip(scores.top_ids[0, i, :k].tolist(), scores.top_logprobs[0, i, :k].tolist(), strict=True))
+            req.prompt_logprobs.append(
+                TokenLogprob(token_id=seq.prompt[seq.cached + i + 1], logprob=float(scores.logprobs[0, i]), top=top)
+            )
 
     def _run_decode(self, seqs: list[Sequence]) -> SampleOutput:
         rows = self.grid.batch_bucket(len(seqs))
@@ -187,8 +259,9 @@ class EngineCore:
             page_table=self._page_table(seqs, rows),
             logit_index=np.zeros((rows, 1), np.int32),
             sampling=self._sampling(seqs, rows, [s.cached + 1 for s in seqs]),
+            adjust=self._adjustments(seqs, rows),
         )
-        return self.runner.step(inputs)
+        return self.runner.step(inputs)[0]
 
     # --------------------------------------------------------------------------------- postprocess
 
@@ -197,12 +270,18 @@ class EngineCore:
         params = req.params
         token = int(out.tokens[row])
         seq.tokens.append(token)
+        if req.adjusts:
+            req.generated_counts[token] += 1
         logprobs = None
         if params.logprobs is not None:
             k = params.logprobs
             top = tuple(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist(), strict=True))
             logprobs = (TokenLogprob(token_id=token, logprob=float(out.logprobs[row]), top=top),)
-        return GenerationOutput(token_ids=(token,), logprobs=logprobs, finish_reason=self._finish(seq, token))
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and seq.generated == 1:
+            prompt_logprobs = (None, *req.prompt_logprobs)
+        return GenerationOutput(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                finish_reason=self._finish(seq, token))
 
     def _finish(self, seq: Sequence, token: int) -> FinishReason | None:
         params: SamplingParams = seq.payload.params
