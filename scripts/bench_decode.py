@@ -91,7 +91,7 @@ def main() -> None:
     cfg = loaded.config
     max_batch = max(args.batch)
     pages_per_row = -(-(args.context + 1) // args.page_size)
-    grid = BucketGrid(max_batch_size=max_batch, prefill_chunk=16, max_pages=pages_per_row)
+    grid = BucketGrid(max_batch_size=max_batch, prefill_chunk=16, max_pages=pages_per_row, page_size=args.page_size)
     spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
                      loaded.dtype)
     runner = ModelRunner(loaded.model, spec, grid)

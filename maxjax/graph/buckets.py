@@ -36,6 +36,7 @@ class BucketGrid:
     """Most prompt tokens in one prefill step (a power of two >= 16)."""
     max_pages: int
     """Pages one row can hold: ceil(max_length / page_size)."""
+    page_size: int = 16
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -64,8 +65,11 @@ class BucketGrid:
         return [(b, 1, p) for b in self.batch_sizes for p in self.page_counts if p > 0]
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """(1, chunk, past pages): a chunk's past is whole pages before it, so it fits in max_pages too."""
-        return [(1, t, p) for t in self.chunk_sizes for p in self.page_counts]
+        """(1, chunk, past pages). Chunks start at multiples of `prefill_chunk`, so a chunk's past is either
+        empty or at least one whole chunk: the smaller page buckets never occur."""
+        first_past = -(-self.prefill_chunk // self.page_size)
+        pasts = [p for p in self.page_counts if p == 0 or p >= first_past]
+        return [(1, t, p) for t in self.chunk_sizes for p in pasts]
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return self.prefill_shapes() + self.decode_shapes()

@@ -82,7 +82,8 @@ class EngineCore:
             )
         spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         chunk = min(scheduler.prefill_chunk_size, 1 << (max_length - 1).bit_length())
-        grid = BucketGrid(max_batch_size=scheduler.max_batch_size, prefill_chunk=max(chunk, 16), max_pages=pages_per_row)
+        grid = BucketGrid(max_batch_size=scheduler.max_batch_size, prefill_chunk=max(chunk, 16),
+                          max_pages=pages_per_row, page_size=kv.page_size)
         runner = ModelRunner(loaded.model, spec, grid, device)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.0f MiB); weights %.0f MiB",
