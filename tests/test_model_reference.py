@@ -86,3 +86,20 @@ def _cpu():  # type: ignore[no-untyped-def]
     import jax
 
     return jax.devices("cpu")[0]
+
+
+def test_prefix_cache_hit_gives_the_same_greedy_tokens(loaded: LoadedModel) -> None:
+    core = EngineCore.create(loaded, _cpu(), SchedulerConfig(max_batch_size=2, max_length=96, prefill_chunk_size=16),
+                             KVCacheConfig(num_pages=32))
+    case = REFERENCE["cases"][0]
+    runs = []
+    for i in range(2):
+        seq = core.add(GenerationRequest(f"r{i}", tuple(case["prompt_ids"]), SamplingParams(max_tokens=8, temperature=0)))
+        assert seq is not None
+        tokens: list[int] = []
+        while core.scheduler.has_work:
+            for _, out in core.step():
+                tokens.extend(out.token_ids)
+        runs.append((seq.prefix_hit, tokens))
+    assert runs[0][0] == 0 and runs[1][0] == 32, "the second run reuses the two full pages before the last token"
+    assert runs[0][1] == runs[1][1] == case["greedy_ids"][:8]

@@ -104,3 +104,54 @@ def test_cancel_waiting_and_running() -> None:
     s.finish(b)  # still waiting
     s.finish(a)  # running
     assert not s.has_work and s.pages.in_use == 0
+
+
+def test_prefix_pages_are_shared_after_the_first_prompt_is_cached() -> None:
+    s = make(num_pages=17, batch=4, max_length=64)
+    first = Sequence("first", prompt=list(range(40)), max_new_tokens=8)  # 48 tokens -> 3 pages
+    s.add(first)
+    while first.in_prefill:
+        run_prefill(s)
+        s.prefilled(first)
+    second = Sequence("second", prompt=list(range(36)) + [99, 98], max_new_tokens=8)  # same first 36 tokens
+    s.add(second)
+    s.plan()
+    assert second.prefix_hit == 32 and second.cached == 32, "two full pages shared"
+    assert second.pages[:2] == first.pages[:2] and second.pages[2:] != first.pages[2:]
+    assert s.pages.in_use == 3 + 1  # first's 3 pages, and second's one page of its own
+    s.finish(first)
+    s.finish(second)
+    assert s.pages.in_use == 0
+
+
+def test_the_page_with_the_last_prompt_token_is_never_shared() -> None:
+    s = make(num_pages=17)
+    a = Sequence("a", prompt=list(range(32)), max_new_tokens=4)
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+        s.prefilled(a)
+    b = Sequence("b", prompt=list(range(32)), max_new_tokens=4)
+    s.add(b)
+    s.plan()
+    assert b.prefix_hit == 16 and b.in_prefill, "the second page holds the last prompt token: recomputed"
+
+
+def test_cached_pages_survive_their_sequence_and_are_evicted_last_used_first() -> None:
+    s = make(num_pages=6, batch=1, max_length=80)  # 5 usable pages
+    a = Sequence("a", prompt=list(range(40)), max_new_tokens=8)  # 3 pages, 2 shareable
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+        s.prefilled(a)
+    s.finish(a)
+    assert s.pages.in_use == 0 and s.pages.free == 5
+    again = Sequence("again", prompt=list(range(40)), max_new_tokens=8)
+    s.add(again)
+    s.plan()
+    assert again.prefix_hit == 32, "pages of a finished request are reused"
+    s.finish(again)
+    big = Sequence("big", prompt=[7] * 70, max_new_tokens=10)  # 5 pages: must evict the cached ones
+    s.add(big)
+    s.plan()
+    assert len(big.pages) == 5 and s.pages.lookup(again.hashes or []) == []

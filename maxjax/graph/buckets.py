@@ -64,12 +64,20 @@ class BucketGrid:
         """(rows, 1, past pages) for every decode step. A decode row always has a past."""
         return [(b, 1, p) for b in self.batch_sizes for p in self.page_counts if p > 0]
 
-    def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """(1, chunk, past pages). Chunks start at multiples of `prefill_chunk`, so a chunk's past is either
-        empty or at least one whole chunk: the smaller page buckets never occur."""
+    @property
+    def prefill_page_counts(self) -> list[int]:
+        """Past pages a prefill chunk may gather: none, or at least a whole chunk's worth. Chunks start at
+        multiples of `prefill_chunk`; a prompt whose first pages came from the prefix cache has a shorter past,
+        and gathers the smallest of these buckets that holds it (the rest is masked)."""
         first_past = -(-self.prefill_chunk // self.page_size)
-        pasts = [p for p in self.page_counts if p == 0 or p >= first_past]
-        return [(1, t, p) for t in self.chunk_sizes for p in pasts]
+        return [p for p in self.page_counts if p == 0 or p >= min(first_past, self.max_pages)]
+
+    def prefill_pages_bucket(self, pages: int) -> int:
+        return _round_up(pages, self.prefill_page_counts)
+
+    def prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """(1, chunk, past pages) for every prefill step."""
+        return [(1, t, p) for t in self.chunk_sizes for p in self.prefill_page_counts]
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return self.prefill_shapes() + self.decode_shapes()

@@ -129,6 +129,7 @@ class EngineCore:
             if scores is not None:
                 self._add_prompt_logprobs(seq, scores, plan.prefill_tokens)
             seq.cached += plan.prefill_tokens
+            self.scheduler.prefilled(seq)
             if not seq.in_prefill:
                 results.append((seq, self._append(seq, prefill_host, 0)))
         for row, seq in enumerate(plan.decode):
@@ -141,10 +142,10 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _page_table(self, seqs: list[Sequence], rows: int) -> np.ndarray:
+    def _page_table(self, seqs: list[Sequence], rows: int, *, prefill: bool = False) -> np.ndarray:
         """Pages covering each row's cached past, padded to the bucket (page 0 beyond)."""
         need = max(-(-s.cached // self.page_size) for s in seqs)
-        width = self.grid.pages_bucket(need)
+        width = self.grid.prefill_pages_bucket(need) if prefill else self.grid.pages_bucket(need)
         table = np.zeros((rows, width), np.int32)
         for r, s in enumerate(seqs):
             n = min(-(-s.cached // self.page_size), width)
@@ -214,7 +215,7 @@ class EngineCore:
         chunk = range(seq.cached, seq.cached + n)
         tokens[0, :n] = seq.tokens[seq.cached : seq.cached + n]
         slots[0, :n] = [self._slot(seq, p) for p in chunk]
-        page_table = self._page_table([seq], 1) if seq.cached else np.zeros((1, 0), np.int32)
+        page_table = self._page_table([seq], 1, prefill=True) if seq.cached else np.zeros((1, 0), np.int32)
         inputs = StepInputs(
             tokens=tokens,
             past_len=np.array([seq.cached], np.int32),

@@ -1,10 +1,17 @@
 """The scheduler: which sequences run in the next step, and where their keys and values live. Pure Python.
 
-The invariant, kept by `admit` and `finish`: every running sequence holds, from admission to its end, the pages
-for its whole possible length (prompt + max new tokens, capped at max_length); the pages of all running
-sequences and the free list partition pages 1..N-1 (page 0 is the scratch page padding writes go to). So a
-step never runs out of pages mid-sequence, and a request that does not fit waits in the queue until enough
-pages are freed.
+The invariant, kept by `_admit` and `finish`: every running sequence holds, from admission to its end, the pages
+for its whole possible length (prompt + max new tokens, capped at max_length). Pages 1..N-1 (page 0 is the
+scratch page padding writes go to) are each either in use (referenced by one or more running sequences), free,
+or cached (unreferenced but still holding a known prompt prefix, reclaimed least recently used first when the
+free list runs dry). So a step never runs out of pages mid-sequence, and a request that does not fit waits in
+the queue, first come first served, until enough pages are freed.
+
+Prefix caching: a full page of prompt tokens is known by a hash of its tokens chained with the hash of the
+page before it, so equal hashes mean equal prefixes. Once a sequence's prompt is in the cache its full pages
+are registered; a later request whose prompt starts with the same pages shares them (read-only: nothing is
+ever written into a full prompt page again) and prefills only the rest. The page holding a prompt's last
+token is never shared, so every prompt runs at least one token of prefill and gets its own logits.
 
 Each engine iteration asks for one `Plan`: at most one prefill chunk (of the oldest sequence still reading its
 prompt) and one decode step for every sequence that has its prompt cached. Chunking the prompt keeps a long
@@ -14,36 +21,96 @@ prompt from stalling the running decodes.
 from __future__ import annotations
 
 import collections
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+PageHash = bytes
+
 
 class PageAllocator:
-    """Free list of KV pages 1..num_pages-1."""
+    """Pages 1..num_pages-1 with reference counts, and the table of cached prompt prefixes."""
 
     def __init__(self, num_pages: int):
         if num_pages < 2:
             raise ValueError(f"the KV pool needs at least 2 pages, got {num_pages}")
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))
+        self._refs = [0] * num_pages
+        self._by_hash: dict[PageHash, int] = {}
+        self._hash_of: dict[int, PageHash] = {}
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        """Cached pages nobody references, least recently used first."""
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can take: the free list plus cached pages nobody uses."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def in_use(self) -> int:
-        return self.num_pages - 1 - len(self._free)
+        return self.num_pages - 1 - self.free
 
     def allocate(self, n: int) -> list[int]:
-        assert n <= len(self._free), (n, len(self._free))
-        pages = self._free[-n:] if n else []
-        del self._free[len(self._free) - n :]
-        return pages[::-1]
+        assert n <= self.free, (n, self.free)
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page = self._free.pop()
+            else:
+                page, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(page)]
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
 
     def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
-        assert len(self._free) <= self.num_pages - 1
+        for page in pages:
+            self._refs[page] -= 1
+            assert self._refs[page] >= 0, page
+            if self._refs[page] == 0:
+                if page in self._hash_of:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    def lookup(self, hashes: list[PageHash]) -> list[int]:
+        """Cached pages holding the longest prefix of `hashes` (not yet referenced by the caller)."""
+        pages = []
+        for h in hashes:
+            page = self._by_hash.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def unreferenced(self, pages: list[int]) -> int:
+        """How many of `pages` nobody references (sharing them takes them off the evictable list)."""
+        return sum(1 for page in pages if self._refs[page] == 0)
+
+    def share(self, pages: list[int]) -> None:
+        for page in pages:
+            if self._refs[page] == 0:
+                del self._evictable[page]
+            self._refs[page] += 1
+
+    def register(self, page: int, h: PageHash) -> None:
+        """Record that `page` holds the prefix `h` (first writer wins; the page must be in use)."""
+        assert self._refs[page] > 0
+        if h not in self._by_hash and page not in self._hash_of:
+            self._by_hash[h] = page
+            self._hash_of[page] = h
+
+
+def prefix_hashes(tokens: list[int], page_size: int, pages: int) -> list[PageHash]:
+    """Chained hashes of the first `pages` full pages of `tokens`."""
+    out = []
+    digest = b""
+    for i in range(pages):
+        chunk = tokens[i * page_size : (i + 1) * page_size]
+        digest = hashlib.blake2b(digest + repr(chunk).encode(), digest_size=16).digest()
+        out.append(digest)
+    return out
 
 
 @dataclass
@@ -60,6 +127,12 @@ class Sequence:
     cached: int = 0
     """Tokens whose keys and values are in the cache."""
     pages: list[int] = field(default_factory=list)
+    prefix_hit: int = 0
+    """Prompt tokens found in the prefix cache at admission."""
+    registered: int = 0
+    """Full prompt pages already registered in the prefix table."""
+    hashes: list[PageHash] | None = None
+    """Chained hashes of the shareable prompt pages, computed once."""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -89,13 +162,14 @@ class Plan:
 
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_batch_size: int, max_length: int, chunk_size: int,
-                 max_queue: int = 1 << 30):
+                 max_queue: int = 1 << 30, prefix_caching: bool = True):
         self.pages = PageAllocator(num_pages)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_length = max_length
         self.chunk_size = chunk_size
         self.max_queue = max_queue
+        self.prefix_caching = prefix_caching
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
 
@@ -115,14 +189,38 @@ class Scheduler:
         self.waiting.append(seq)
         return True
 
+    def _shareable_pages(self, seq: Sequence) -> int:
+        """Full prompt pages before the one holding the last prompt token."""
+        return (len(seq.prompt) - 1) // self.page_size if self.prefix_caching else 0
+
+    def _hashes(self, seq: Sequence) -> list[PageHash]:
+        if seq.hashes is None:
+            seq.hashes = prefix_hashes(seq.prompt, self.page_size, self._shareable_pages(seq))
+        return seq.hashes
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
-            need = self.pages_for(self.waiting[0])
-            if need > self.pages.free:
+            seq = self.waiting[0]
+            hits = self.pages.lookup(self._hashes(seq))
+            need = self.pages_for(seq) - len(hits)
+            if need > self.pages.free - self.pages.unreferenced(hits):
                 return  # first come, first served: later requests do not overtake a large one
-            seq = self.waiting.popleft()
-            seq.pages = self.pages.allocate(need)
+            self.waiting.popleft()
+            self.pages.share(hits)
+            seq.pages = hits + self.pages.allocate(need)
+            seq.cached = seq.prefix_hit = len(hits) * self.page_size
+            seq.registered = len(hits)
             self.running.append(seq)
+
+    def prefilled(self, seq: Sequence) -> None:
+        """Register the prompt pages that are now complete in the cache, for later requests to share."""
+        if not self.prefix_caching:
+            return
+        complete = min(seq.cached // self.page_size, self._shareable_pages(seq))
+        hashes = self._hashes(seq)
+        for i in range(seq.registered, complete):
+            self.pages.register(seq.pages[i], hashes[i])
+        seq.registered = max(seq.registered, complete)
 
     def plan(self) -> Plan:
         self._admit()
@@ -132,7 +230,7 @@ class Scheduler:
         return Plan(prefill=prefill, prefill_tokens=tokens, decode=decode)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (done, cancelled or failed) and free its pages, wherever it is."""
+        """Remove a sequence (done, cancelled or failed) and release its pages, wherever it is."""
         if seq in self.running:
             self.running.remove(seq)
             self.pages.release(seq.pages)
