@@ -155,3 +155,16 @@ def test_cached_pages_survive_their_sequence_and_are_evicted_last_used_first() -
     s.add(big)
     s.plan()
     assert len(big.pages) == 5 and s.pages.lookup(again.hashes or []) == []
+
+
+def test_a_sequence_can_opt_out_of_prefix_reuse() -> None:
+    s = make(num_pages=17)
+    a = Sequence("a", prompt=list(range(40)), max_new_tokens=4)
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+        s.prefilled(a)
+    b = Sequence("b", prompt=list(range(40)), max_new_tokens=4, reuse_prefix=False)
+    s.add(b)
+    s.plan()
+    assert b.prefix_hit == 0 and b.cached == 0

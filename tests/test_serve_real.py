@@ -237,9 +237,15 @@ def test_mixed_workload_compiles_nothing(server: RealServer) -> None:
     # echo + logprobs through the raw client: the strict one rejects OpenAI's null first logprob.
     async def raw_echo() -> None:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as http:
-            await asyncio.gather(*(http.post(server.base_url + "/completions", json={
+            responses = await asyncio.gather(*(http.post(server.base_url + "/completions", json={
                 "model": "smollm2", "prompt": "Hello " * n, "max_tokens": 6, "echo": True, "logprobs": 3})
                 for n in (2, 35, 70)))
+            # The prompts were served before (above), so their pages are in the prefix cache: echo must
+            # still score every prompt token.
+            for response in responses:
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert len(body["choices"][0]["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"] + 6
 
     asyncio.run(workload())
     asyncio.run(raw_echo())

@@ -108,6 +108,7 @@ class EngineCore:
             prompt=list(request.prompt_ids),
             max_new_tokens=params.max_tokens,
             payload=payload,
+            reuse_prefix=params.prompt_logprobs is None,
         )
         return seq if self.scheduler.add(seq) else None
 

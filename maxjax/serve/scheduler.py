@@ -133,6 +133,8 @@ class Sequence:
     """Full prompt pages already registered in the prefix table."""
     hashes: list[PageHash] | None = None
     """Chained hashes of the shareable prompt pages, computed once."""
+    reuse_prefix: bool = True
+    """False when every prompt position must be computed (prompt logprobs)."""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -201,7 +203,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            hits = self.pages.lookup(self._hashes(seq))
+            hits = self.pages.lookup(self._hashes(seq)) if seq.reuse_prefix else []
             need = self.pages_for(seq) - len(hits)
             if need > self.pages.free - self.pages.unreferenced(hits):
                 return  # first come, first served: later requests do not overtake a large one
