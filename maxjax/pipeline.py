@@ -99,7 +99,7 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
             f"{resolved.path}: the GGUF metadata lacks a value the {file.architecture} model needs ({e}); "
             "is the file complete?"
         ) from None
-    config = TransformerConfig.from_hf(hf_config)
+    config = _config(arch, hf_config)
     to_gguf = {}
     for name in names:
         hf_name = arch.gguf_name_to_hf(name)
@@ -115,6 +115,10 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
     return config, arch, get, load_gguf_tokenizer(metadata)
 
 
+def _config(arch: SupportedArchitecture, hf_config: dict[str, Any]) -> Any:
+    return (arch.config_from_hf or TransformerConfig.from_hf)(hf_config)
+
+
 def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
     from maxjax.tokenizer import load_hf_tokenizer
     from maxjax.weights.safetensors import SafetensorsWeights
@@ -124,16 +128,18 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
         hf_config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{config_path}: cannot read the model config ({e}); is the checkpoint complete?") from None
-    hf_config = hf_config.get("text_config", hf_config) | {"architectures": hf_config.get("architectures")}
     if not hf_config.get("architectures"):
         raise UserError(f"{config_path} names no architectures: add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
     arch = registry.get(hf_config["architectures"][0])
-    config = TransformerConfig.from_hf(hf_config)
+    config = _config(arch, hf_config)
     weights = SafetensorsWeights(resolved.path)
+    stored = {name: name for name in weights.names}
+    if arch.weight_name_to_hf is not None:  # e.g. Gemma 3's `language_model.model.*` -> `model.*`
+        stored = {hf: name for name in weights.names if (hf := arch.weight_name_to_hf(name)) is not None}
 
     def get(name: str) -> np.ndarray:
-        if name not in weights:
+        if name not in stored:
             raise UserError(f"{resolved.path}: the checkpoint has no tensor {name}; is it complete?")
-        return weights.get(name)
+        return weights.get(stored[name])
 
     return config, arch, get, load_hf_tokenizer(resolved.config_dir or resolved.path)

@@ -2,7 +2,8 @@
 
 An architecture is one file under `maxjax/models/` plus one entry here. The runner and the loader never name
 a model: they look the entry up by the HF `architectures[0]` name (or, for GGUF files, by
-`general.architecture`) and call what it provides.
+`general.architecture`) and call what it provides. `--custom-architectures` modules (`maxjax/custom.py`) add
+entries of their own, replacing built-ins of the same name.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ class SupportedArchitecture:
     default_encoding: str
     supported_encodings: tuple[str, ...]
     model_class: Callable[..., Any]
-    """Flax NNX module class, built as `model_class(config, dtype)`."""
+    """Flax NNX module class, built as `model_class(config, dtype)`, with `forward(tokens, cache, page_table,
+    past_len) -> (hidden, new_k, new_v)` and `logits(hidden)` (see `models/llama.py`)."""
     load_params: Callable[[Any, Callable[[str], np.ndarray]], dict[str, Any]]
     """(config, get HF-named tensor) -> the module's parameters as a pure dict."""
+    config_from_hf: Callable[[dict[str, Any]], Any] | None = None
+    """HF config dict (config.json, or `gguf_to_hf_config`'s) -> the model's config; None:
+    `TransformerConfig.from_hf`."""
+    weight_name_to_hf: Callable[[str], str | None] | None = None
+    """Checkpoint tensor name -> the name `load_params` asks for (None: not used), for checkpoints that store
+    the language model under a prefix (Gemma 3's `language_model.model.*`); None: names are used as stored."""
     gguf_architectures: tuple[str, ...] = ()
     """`general.architecture` values of GGUF files this entry reads."""
     gguf_to_hf_config: Callable[[Mapping[str, Any], set[str]], dict[str, Any]] | None = None
@@ -37,28 +45,49 @@ class SupportedArchitecture:
     """Undo llama.cpp's conversion of one tensor (e.g. the Q/K row order), given its HF name and config."""
 
 
+GGUF_ENCODINGS = (
+    "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+)
+"""Safetensors float types, and every GGUF storage type the loader dequantizes."""
+FLOAT_ENCODINGS = ("float32", "bfloat16", "float16")
+
+
 def _builtin() -> list[SupportedArchitecture]:
-    from maxjax.models import llama
+    from maxjax.models import gemma3, llama, mistral, phi3, qwen2, qwen3
+
+    def entry(name: str, module: Any, model_class: Any, examples: tuple[str, ...], gguf: str | None,
+              **extra: Any) -> SupportedArchitecture:
+        adapters = {}
+        if gguf is not None:
+            adapters = dict(gguf_architectures=(gguf,), gguf_to_hf_config=module.gguf_to_hf_config,
+                            gguf_name_to_hf=module.gguf_name_to_hf, gguf_tensor_to_hf=module.gguf_tensor_to_hf)
+        return SupportedArchitecture(
+            name=name, example_repo_ids=examples, default_encoding="bfloat16",
+            supported_encodings=GGUF_ENCODINGS if gguf is not None else FLOAT_ENCODINGS,
+            model_class=model_class, load_params=module.load_params, config_from_hf=module.config_from_hf,
+            **adapters, **extra,
+        )
 
     return [
-        SupportedArchitecture(
-            name="LlamaForCausalLM",
-            example_repo_ids=(
-                "HuggingFaceTB/SmolLM2-135M-Instruct",
-                "meta-llama/Llama-3.1-8B-Instruct",
-                "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-            ),
-            default_encoding="bfloat16",
-            supported_encodings=(
-                "float32", "bfloat16", "float16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
-            ),
-            model_class=llama.LlamaForCausalLM,
-            load_params=llama.load_params,
-            gguf_architectures=("llama",),
-            gguf_to_hf_config=llama.gguf_to_hf_config,
-            gguf_name_to_hf=llama.gguf_name_to_hf,
-            gguf_tensor_to_hf=llama.gguf_tensor_to_hf,
-        )
+        entry("LlamaForCausalLM", llama, llama.LlamaForCausalLM, (
+            "HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        ), "llama"),
+        # llama.cpp converts Mistral to its `llama` architecture: those GGUF files are the Llama entry's.
+        entry("MistralForCausalLM", mistral, mistral.MistralForCausalLM, (
+            "mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-Nemo-Instruct-2407",
+        ), None),
+        entry("Qwen2ForCausalLM", qwen2, qwen2.Qwen2ForCausalLM, (
+            "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct",
+        ), "qwen2"),
+        entry("Qwen3ForCausalLM", qwen3, qwen3.Qwen3ForCausalLM, ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"), "qwen3"),
+        entry("Gemma3ForCausalLM", gemma3, gemma3.Gemma3ForCausalLM, ("google/gemma-3-1b-it",), "gemma3"),
+        # The text path of the multimodal checkpoints; their GGUF conversions are `gemma3` files (above).
+        entry("Gemma3ForConditionalGeneration", gemma3, gemma3.Gemma3ForCausalLM, (
+            "google/gemma-3-12b-it", "google/gemma-3-4b-it", "google/gemma-3-27b-it",
+        ), None, weight_name_to_hf=gemma3.multimodal_name_to_hf),
+        entry("Phi3ForCausalLM", phi3, phi3.Phi3ForCausalLM, (
+            "microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-4",
+        ), "phi3"),
     ]
 
 

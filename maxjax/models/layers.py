@@ -120,7 +120,13 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x` [B, T, heads, E] by position (rotate-half convention)."""
+    """Rotate `x` [B, T, heads, E] by position (rotate-half convention).
+
+    Tables narrower than E (partial rotary, R = cos.shape[-1] < E) turn the leading R dimensions and pass the
+    rest through unchanged."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

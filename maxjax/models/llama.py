@@ -1,7 +1,12 @@
-"""Llama (Llama 2/3/3.1, SmolLM2, TinyLlama, and Mistral's GGUF conversions): the model and its weight adapters."""
+"""Llama (Llama 2/3/3.1, SmolLM2, TinyLlama, and Mistral's GGUF conversions): the model and its weight adapters.
+
+The block is the one Mistral (sliding window), Qwen2 (Q/K/V biases) and Qwen3 (per-head Q/K norms) are built
+from: those differences are `TransformerConfig` fields, read here, and each family's file configures them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxjax.models import gguf_common
 from maxjax.models.config import TransformerConfig
 from maxjax.models.layers import (
     AttentionBatch,
@@ -31,9 +37,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.cfg = cfg
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.qkv = Linear(cfg.hidden_size, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype)
+        self.q_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.o = Linear(h * e, cfg.hidden_size, dtype=dtype)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.activation, dtype=dtype)
 
     def __call__(
         self, x: jax.Array, cache: KVCache, layer: int, batch: AttentionBatch
@@ -42,10 +50,14 @@ class LlamaDecoderLayer(nnx.Module):
         b, t, _ = x.shape
         h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kk, v = jnp.split(self.qkv(self.input_norm(x)), [h * e, (h + k) * e], axis=-1)
-        q = apply_rope(q.reshape(b, t, h, e), batch.cos, batch.sin)  # [B, T, H, E]
-        kk = apply_rope(kk.reshape(b, t, k, e), batch.cos, batch.sin)  # [B, T, K, E]
-        v = v.reshape(b, t, k, e)
-        attn = paged_attention(q, kk, v, cache, layer, batch, scale=e**-0.5)
+        q, kk, v = q.reshape(b, t, h, e), kk.reshape(b, t, k, e), v.reshape(b, t, k, e)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, kk = self.q_norm(q), self.k_norm(kk)
+        q = apply_rope(q, batch.cos, batch.sin)  # [B, T, H, E]
+        kk = apply_rope(kk, batch.cos, batch.sin)  # [B, T, K, E]
+        attn = paged_attention(
+            q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer)
+        )
         x = x + self.o(attn.reshape(b, t, h * e))
         x = x + self.mlp(self.post_norm(x))
         return x, kk, v
@@ -66,7 +78,7 @@ class LlamaForCausalLM(nnx.Module):
         b, t = tokens.shape
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         positions = past_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.rotary_dim or self.cfg.head_dim))
         batch = AttentionBatch(page_table=page_table, past_len=past_len, cos=cos, sin=sin)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
@@ -108,6 +120,9 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
             "post_norm": {"weight": get(p + "post_attention_layernorm.weight")},
             "mlp": {"gate_up": {"kernel": gate_up}, "down": {"kernel": get(p + "mlp.down_proj.weight")}},
         }
+        if cfg.qk_norm:
+            layers[i]["q_norm"] = {"weight": get(p + "self_attn.q_norm.weight")}
+            layers[i]["k_norm"] = {"weight": get(p + "self_attn.k_norm.weight")}
     params: dict[str, Any] = {
         "embed": get("model.embed_tokens.weight"),
         "layers": layers,
@@ -120,36 +135,8 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
 
 # --------------------------------------------------------------------------------------------- GGUF
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def gguf_name_to_hf(name: str) -> str | None:
-    """llama.cpp's tensor name -> HF's; None for tensors the model does not use (e.g. rope_freqs)."""
-    if name in _GGUF_GLOBAL_NAMES:
-        return _GGUF_GLOBAL_NAMES[name]
-    if name.startswith("blk."):
-        _, index, rest = name.split(".", 2)
-        if rest in _GGUF_LAYER_NAMES:
-            return f"model.layers.{index}.{_GGUF_LAYER_NAMES[rest]}"
-    return None
+gguf_name_to_hf = gguf_common.name_mapper(gguf_common.LLAMA_LAYER_NAMES)
+"""llama.cpp's tensor name -> HF's; None for tensors the model does not use (e.g. rope_freqs)."""
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -172,40 +159,14 @@ def gguf_tensor_to_hf(hf_name: str, w: np.ndarray, hf_config: Mapping[str, Any])
     return w
 
 
-_GGUF_REQUIRED = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
-
-
 def gguf_to_hf_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-    """GGUF metadata -> an HF-style config dict (`TransformerConfig.from_hf` decides the rest)."""
-    arch = metadata["general.architecture"]
-
-    def key(name: str, default: Any = None) -> Any:
-        value = metadata.get(f"{arch}.{name}", default)
-        if value is None and name in _GGUF_REQUIRED:
-            raise KeyError(f"{arch}.{name}")
-        return value
-
-    n_heads = int(key("attention.head_count"))
-    hidden = int(key("embedding_length"))
-    n_kv = key("attention.head_count_kv", n_heads)
-    vocab = key("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
-    hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(vocab),
-        "hidden_size": hidden,
-        "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": int(n_kv if not isinstance(n_kv, list) else n_kv[0]),
-        "head_dim": int(key("rope.dimension_count") or key("attention.key_length") or hidden // n_heads),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(key("context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
-    }
-    if key("rope.scaling.type") == "linear":
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor", 1.0))}
+    """GGUF metadata -> an HF-style config dict (`config_from_hf` decides the rest)."""
+    hf = gguf_common.hf_config_from_gguf(metadata, tensor_names, "LlamaForCausalLM")
+    hf["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return hf
+
+
+def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
+    """HF's Llama attends to every position: a `sliding_window` in its config (or a GGUF file's) is ignored."""
+    cfg = TransformerConfig.from_hf(hf)
+    return dataclasses.replace(cfg, sliding_window=None, layer_types=())

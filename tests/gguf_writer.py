@@ -1,0 +1,146 @@
+"""GGUF files as llama.cpp's converter (`convert_hf_to_gguf.py`) writes them, from float32 HF-named weights.
+
+Imports only NumPy and gguf-py, so that both the fixture script (scripts/make_arch_fixtures.py, run with
+transformers in a separate environment, which reads every file back with transformers' own GGUF loader) and the
+tests (which read it with maxjax) write byte-identical files: the fixture records each file's SHA-256 and the
+tests check it before comparing logits.
+
+The conventions followed, per llama.cpp architecture:
+- tensor names from gguf-py's `TensorNameMap` (the converter's own table), 2-D tensors stored in the file type,
+  1-D tensors (norms, biases) in F32;
+- `llama` (Llama, and Mistral, which llama.cpp converts to it): Q/K rows permuted from HF's rotate-half layout to
+  interleaved pairs; `rope.dimension_count` = head width; no sliding window;
+- `qwen2`, `qwen3`, `phi3`, `gemma3`: HF's row order kept (NeoX-style rotary); `key_length` / `value_length`
+  where the config names a `head_dim`;
+- `gemma3`: every `*norm.weight` stored with 1 added; the global rotary base as `rope.freq_base`, linear scaling
+  as `rope.scaling.*`, `attention.sliding_window`; no output tensor (tied);
+- `phi3`: `attn_qkv` and `ffn_up` (gate and up together) fused as HF stores them; `rope.dimension_count` = the
+  rotated width; `attention.sliding_window` 0 for none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+              Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+ARCHES = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "gemma3": gguf.MODEL_ARCH.GEMMA3,
+    "phi3": gguf.MODEL_ARCH.PHI3,
+}
+
+
+def _gpt2_byte_alphabet() -> list[str]:
+    """GPT-2's `bytes_to_unicode`: the printable character that spells each byte, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENS = [*SPECIAL_TOKENS, *_gpt2_byte_alphabet(), "he"]
+"""A byte-level vocabulary of 260: three control tokens, the 256 bytes, one merge."""
+TOKENIZER_METADATA: dict[str, Any] = {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "default",
+    "tokenizer.ggml.tokens": TOKENS,
+    "tokenizer.ggml.token_type": [3] * len(SPECIAL_TOKENS) + [1] * 257,  # 3: control, 1: normal
+    "tokenizer.ggml.merges": ["h e"],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+    "tokenizer.ggml.padding_token_id": 0,
+    "tokenizer.ggml.add_bos_token": False,
+}
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute`: HF's rotate-half rows of each head -> interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config", config)
+
+
+def write_gguf(
+    path: Path, arch: str, config: dict[str, Any], weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType,
+    *, name: str = "tiny",
+) -> str:
+    """Write `weights` (float32, HF names of a text model) as llama.cpp's `arch`; returns the file's SHA-256."""
+    cfg = text_config(config)
+    n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    rope = cfg.get("rope_parameters") or {}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_file_type(int(FILE_TYPES[qtype]))
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    if arch == "gemma3":
+        full = rope.get("full_attention", {})
+        writer.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
+        if full.get("rope_type", "default") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+        writer.add_sliding_window(cfg["sliding_window"])
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    else:
+        writer.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if arch == "phi3":
+        writer.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * cfg["hidden_size"]) // n_heads)
+        writer.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+    if cfg.get("head_dim") is not None and arch in ("qwen3", "gemma3", "llama"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    meta = TOKENIZER_METADATA
+    writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    writer.add_token_list(meta["tokenizer.ggml.tokens"])
+    writer.add_token_types(meta["tokenizer.ggml.token_type"])
+    writer.add_token_merges(meta["tokenizer.ggml.merges"])
+    writer.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    writer.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    writer.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    writer.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
+
+    names = gguf.get_tensor_name_map(ARCHES[arch], n_layers)
+    for hf_name, w in weights.items():
+        w = np.asarray(w, dtype=np.float32)
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = permute_qk(w, n_heads)
+        elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = permute_qk(w, n_kv)
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            w = w + 1
+        if arch == "gemma3" and hf_name == "lm_head.weight":
+            continue  # tied: llama.cpp skips it
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, f"gguf-py has no {arch} name for {hf_name}"
+        stored = qtype if w.ndim == 2 else Q.F32
+        writer.add_tensor(gguf_name, gguf.quants.quantize(w, stored), raw_dtype=stored)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
