@@ -48,8 +48,17 @@ def model_options(f: Any) -> Any:
     return f
 
 
+def custom_architectures_option(f: Any) -> Any:
+    """`--custom-architectures`, repeatable: modules whose ARCHITECTURES lists add to (or replace) the built-ins."""
+    return click.option(
+        "--custom-architectures", multiple=True, metavar="[DIR:]MODULE",
+        help="Import MODULE (from DIR, when given) and register its ARCHITECTURES list; repeatable.",
+    )(f)
+
+
 @main.command()
 @model_options
+@custom_architectures_option
 @click.option("--prompt", required=True, help="The prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user message.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
@@ -59,16 +68,18 @@ def model_options(f: Any) -> Any:
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--seed", default=None, type=int)
 def generate(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
-             prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-             min_p: float, seed: int | None) -> None:
+             custom_architectures: tuple[str, ...], prompt: str, chat: bool, max_new_tokens: int,
+             temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None) -> None:
     """Generate text for one prompt, streamed to stdout."""
+    from maxjax.custom import registry_with
     from maxjax.generate import generate as run
     from maxjax.serve.protocol import SamplingParams
 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             min_p=min_p, seed=seed)
     result = run(model=model, prompt=prompt, chat=chat, params=params, devices=devices,
-                 quantization_encoding=quantization_encoding, revision=revision)
+                 quantization_encoding=quantization_encoding, revision=revision,
+                 registry=registry_with(custom_architectures))
     click.echo(
         f"prompt tokens: {result.prompt_tokens}, generated: {len(result.token_ids)}, "
         f"time to first token: {result.time_to_first_token_s * 1e3:.0f} ms, "
@@ -90,6 +101,7 @@ main.add_command(benchmark)
 
 @main.command()
 @model_options
+@custom_architectures_option
 @click.option("--served-model-name", default=None, help="The model id clients send [default: the --model value].")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
@@ -110,7 +122,8 @@ main.add_command(benchmark)
 @click.option("--api-key", default=None, envvar="MAXJAX_API_KEY",
               help="Require `Authorization: Bearer <key>` on /v1 routes [env: MAXJAX_API_KEY].")
 def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
-          served_model_name: str | None, host: str, port: int, max_batch_size: int, max_length: int | None,
+          custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
+          max_batch_size: int, max_length: int | None,
           device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
           prefill_chunk_size: int, max_queue_size: int, chat_template: str | None, api_key: str | None) -> None:
     """Serve a model behind an OpenAI-compatible API."""
@@ -129,4 +142,35 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
     except ValueError as e:
         raise UserError(str(e)) from None
     run_server(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
-               devices=devices, chat_template=chat_template)
+               devices=devices, chat_template=chat_template, custom_architectures=custom_architectures)
+
+
+@main.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@custom_architectures_option
+def list_architectures(as_json: bool, custom_architectures: tuple[str, ...]) -> None:
+    """The architectures maxjax serves: encodings (default first) and example models."""
+    import json
+
+    from maxjax.custom import registry_with
+
+    registry = registry_with(custom_architectures)
+    entries = [registry.get(name) for name in registry.names()]
+    if as_json:
+        click.echo(json.dumps({"architectures": [{
+            "name": a.name,
+            "default_encoding": a.default_encoding,
+            "supported_encodings": list(a.supported_encodings),
+            "gguf_architectures": list(a.gguf_architectures),
+            "example_repo_ids": list(a.example_repo_ids),
+        } for a in entries]}, indent=2))
+        return
+    rows = [("ARCHITECTURE", "ENCODINGS", "GGUF", "EXAMPLES")] + [(
+        a.name,
+        ", ".join(dict.fromkeys([a.default_encoding, *a.supported_encodings])),
+        ", ".join(a.gguf_architectures) or "-",
+        ", ".join(a.example_repo_ids) or "-",
+    ) for a in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])

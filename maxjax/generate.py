@@ -10,6 +10,7 @@ from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.devices import DeviceSpec
 from maxjax.hub import resolve_model
 from maxjax.pipeline import load_model
+from maxjax.registry import Registry
 from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.protocol import GenerationRequest, SamplingParams
 
@@ -26,10 +27,11 @@ class GenerateResult:
 def generate(
     *, model: str | None, prompt: str, chat: bool, params: SamplingParams, devices: str | None = None,
     quantization_encoding: str | None = None, revision: str | None = None, stream: bool = True,
+    registry: Registry | None = None,
 ) -> GenerateResult:
     device = DeviceSpec.parse(devices).select()[0]
     loaded = load_model(resolve_model(model, revision=revision, quantization_encoding=quantization_encoding),
-                        platform=device.platform)
+                        registry=registry, platform=device.platform)
     tok = loaded.tokenizer
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -106,7 +106,10 @@ class Registry:
 
     def get(self, name: str) -> SupportedArchitecture:
         if name not in self._by_name:
-            raise UserError(f"architecture {name} is not supported: supported are {', '.join(self.names())}")
+            raise UserError(
+                f"architecture {name} is not supported: supported are {', '.join(self.names())} "
+                "(`max list`; add one with --custom-architectures)"
+            )
         return self._by_name[name]
 
     def for_gguf(self, gguf_arch: str) -> SupportedArchitecture:

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from maxjax.config import PipelineConfig
 from maxjax.devices import DeviceSpec
 from maxjax.errors import UserError
+from maxjax.registry import Registry
 from maxjax.serve.app import ServingState
 from maxjax.serve.server import serve
 
@@ -20,9 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def run_server(config: PipelineConfig, *, model: str | None, revision: str | None,
-               quantization_encoding: str | None, devices: str | None, chat_template: str | None) -> None:
+               quantization_encoding: str | None, devices: str | None, chat_template: str | None,
+               custom_architectures: Sequence[str] = ()) -> None:
+    from maxjax.custom import registry_with
+
     device_spec = DeviceSpec.parse(devices)
     template = _read_template(chat_template) if chat_template else None
+    registry = registry_with(custom_architectures)  # a bad module fails here, before the port is bound
+    _check_architecture(model, registry)
     state = ServingState(model_name=config.server.served_model_name or model or "SmolLM2-135M-Instruct",
                          model_root=model)
 
@@ -35,7 +43,7 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         device = device_spec.select()[0]
         resolved = resolve_model(model, revision=revision, quantization_encoding=quantization_encoding)
         state.model_root = state.model_root or str(resolved.path)
-        loaded = load_model(resolved, platform=device.platform)
+        loaded = load_model(resolved, registry=registry, platform=device.platform)
         if template is not None:
             loaded.tokenizer.set_chat_template(template)
         try:
@@ -52,6 +60,19 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         state.set_ready(engine, loaded.tokenizer)
 
     serve(config.server, load, state=state)
+
+
+def _check_architecture(model: str | None, registry: Registry) -> None:
+    """A local checkpoint whose `architectures[0]` is not registered fails now, not after the port is bound."""
+    config = Path(model) / "config.json" if model else None
+    if config is None or not config.is_file():
+        return  # a GGUF file, a Hub id or the default model: the loader checks those
+    try:
+        names = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # the loader reports an unreadable config with its own message
+    if names:
+        registry.get(names[0])
 
 
 def _read_template(value: str) -> str:
