@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -56,6 +57,55 @@ def custom_architectures_option(f: Any) -> Any:
     )(f)
 
 
+def engine_options(f: Any) -> Any:
+    """The flags that decide the KV pool and the bucket grid, so `serve` and `warm-cache` compile the same
+    executables."""
+    for option in reversed([
+        click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+                     help="Most sequences in one decode step."),
+        click.option("--max-length", default=None, type=click.IntRange(min=16),
+                     help="Longest sequence (prompt + output) [default: the model's context length]."),
+        click.option("--device-memory-utilization", default=0.9, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True),
+                     help="Share of device memory to use; the KV cache gets what the weights leave."),
+        click.option("--kv-cache-page-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--kv-cache-pages", default=None, type=click.IntRange(min=2),
+                     help="An explicit KV pool size in pages (overrides --device-memory-utilization)."),
+        click.option("--prefill-chunk-size", default=512, show_default=True, type=click.IntRange(min=16),
+                     help="Prompt tokens per prefill step (a power of two); longer prompts are chunked."),
+    ]):
+        f = option(f)
+    return f
+
+
+def compile_cache_options(f: Any) -> Any:
+    """Where compiled executables persist between starts."""
+    for option in reversed([
+        click.option("--compile-cache-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                     help="Directory of the compile cache [default: compile/ in maxjax's cache directory]."),
+        click.option("--no-compile-cache", is_flag=True,
+                     help="Neither load nor store compiled executables (every start compiles the whole grid)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_utilization: float,
+                    kv_cache_page_size: int, kv_cache_pages: int | None, prefill_chunk_size: int,
+                    compile_cache_dir: Path | None, no_compile_cache: bool) -> dict[str, Any]:
+    """The scheduler, KV and compile-cache parts of a `PipelineConfig` from `engine_options` and
+    `compile_cache_options` (ValueError on a bad value)."""
+    from maxjax.config import CompileCacheConfig, KVCacheConfig, SchedulerConfig
+
+    return {
+        "scheduler": SchedulerConfig(max_batch_size=max_batch_size, max_length=max_length,
+                                     prefill_chunk_size=prefill_chunk_size),
+        "kv_cache": KVCacheConfig(page_size=kv_cache_page_size, device_memory_utilization=device_memory_utilization,
+                                  num_pages=kv_cache_pages),
+        "compile_cache": CompileCacheConfig(enabled=not no_compile_cache, directory=compile_cache_dir),
+    }
+
+
 @main.command()
 @model_options
 @custom_architectures_option
@@ -105,17 +155,8 @@ main.add_command(benchmark)
 @click.option("--served-model-name", default=None, help="The model id clients send [default: the --model value].")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Most sequences in one decode step.")
-@click.option("--max-length", default=None, type=click.IntRange(min=16),
-              help="Longest sequence (prompt + output) [default: the model's context length].")
-@click.option("--device-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Share of device memory to use; the KV cache gets what the weights leave.")
-@click.option("--kv-cache-page-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--kv-cache-pages", default=None, type=click.IntRange(min=2),
-              help="An explicit KV pool size in pages (overrides --device-memory-utilization).")
-@click.option("--prefill-chunk-size", default=512, show_default=True, type=click.IntRange(min=16),
-              help="Prompt tokens per prefill step (a power of two); longer prompts are chunked.")
+@engine_options
+@compile_cache_options
 @click.option("--max-queue-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait for a batch row; beyond it, 429.")
 @click.option("--chat-template", default=None, help="A Jinja chat template file (or template text) to use instead of the model's.")
@@ -125,17 +166,16 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
           custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
           device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
-          prefill_chunk_size: int, max_queue_size: int, chat_template: str | None, api_key: str | None) -> None:
+          prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool, max_queue_size: int,
+          chat_template: str | None, api_key: str | None) -> None:
     """Serve a model behind an OpenAI-compatible API."""
-    from maxjax.config import KVCacheConfig, PipelineConfig, SchedulerConfig, ServerConfig
+    from maxjax.config import PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
 
     try:
         config = PipelineConfig(
-            scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_length=max_length,
-                                      prefill_chunk_size=prefill_chunk_size),
-            kv_cache=KVCacheConfig(page_size=kv_cache_page_size, device_memory_utilization=device_memory_utilization,
-                                   num_pages=kv_cache_pages),
+            **_engine_configs(max_batch_size, max_length, device_memory_utilization, kv_cache_page_size,
+                              kv_cache_pages, prefill_chunk_size, compile_cache_dir, no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                                 max_queue_size=max_queue_size),
         )
@@ -143,6 +183,34 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
         raise UserError(str(e)) from None
     run_server(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
                devices=devices, chat_template=chat_template, custom_architectures=custom_architectures)
+
+
+@main.command(name="warm-cache")
+@model_options
+@custom_architectures_option
+@engine_options
+@compile_cache_options
+def warm_cache(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
+               custom_architectures: tuple[str, ...], max_batch_size: int, max_length: int | None,
+               device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
+               prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool) -> None:
+    """Compile everything `max serve` with the same flags runs into the compile cache, without serving.
+
+    A later `max serve` with the same model and flags loads the executables instead of compiling them.
+    """
+    from maxjax.config import PipelineConfig
+    from maxjax.serve.launch import warm_cache as run
+
+    try:
+        config = PipelineConfig(**_engine_configs(max_batch_size, max_length, device_memory_utilization,
+                                                  kv_cache_page_size, kv_cache_pages, prefill_chunk_size,
+                                                  compile_cache_dir, no_compile_cache))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    report = run(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
+                 devices=devices, custom_architectures=custom_architectures)
+    click.echo(f"{report.compiled + report.cached} executables: {report.compiled} compiled, "
+               f"{report.cached} already cached ({report.seconds:.1f} s)")
 
 
 @main.command(name="list")

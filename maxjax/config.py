@@ -1,13 +1,14 @@
 """Frozen configuration objects. Every default is decided here, once; validation names the bad value and the fix.
 
 `PipelineConfig` = `ModelConfig` (which weights, which dtype, which devices) + `KVCacheConfig` (the page pool) +
-`SchedulerConfig` (batch and chunk sizes) + `ServerConfig` (the HTTP side). The CLI builds these from flags;
-nothing else reads flags or environment variables.
+`SchedulerConfig` (batch and chunk sizes) + `ServerConfig` (the HTTP side) + `CompileCacheConfig`. The CLI
+builds these from flags; nothing else reads flags or environment variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,24 @@ class KVCacheConfig:
 
 
 @dataclass(frozen=True)
+class CompileCacheConfig:
+    """Where compiled executables persist between starts (`max warm-cache` fills it; see graph/compile_cache.py)."""
+
+    enabled: bool = True
+    """Load executables from the cache and store new ones; off, every start compiles the whole grid again."""
+    directory: Path | None = None
+    """None = `compile/` under `maxjax.paths.cache_dir()`, decided when the cache is opened."""
+
+    def __post_init__(self) -> None:
+        if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"compile cache directory {self.directory} is a file: name a directory")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything `max serve` / `max generate` need, built once from the command line."""
 
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    compile_cache: CompileCacheConfig = field(default_factory=CompileCacheConfig)

@@ -70,7 +70,9 @@ def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     env = dict(os.environ, JAX_LOG_COMPILES="1")
     cmd = [str(Path(sys.executable).parent / "max"), "serve", "--model", str(smollm2_gguf), "--port", str(port),
            "--max-batch-size", "8", "--max-length", "256", "--prefill-chunk-size", "32", "--kv-cache-pages", "200",
-           "--api-key", API_KEY, "--served-model-name", "smollm2"]
+           "--api-key", API_KEY, "--served-model-name", "smollm2",
+           # an empty compile cache: warm-up compiles the whole grid, so the log shows what compiles and when
+           "--compile-cache-dir", str(tmp_path_factory.mktemp("compile-cache"))]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

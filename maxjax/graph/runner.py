@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax.graph.buckets import BucketGrid
+from maxjax.graph.compile_cache import ExecutableStore, PendingLoads
 from maxjax.graph.sampling import (
     ADJUST_SLOTS,
     LOGPROB_FLOOR,
@@ -140,6 +141,21 @@ def abstract_inputs(rows: int, tokens: int, pages: int) -> StepInputs:
     )
 
 
+Entry = tuple[str, Any]
+"""One executable of the runner: ("step", (rows, tokens, past pages)) or ("score", chunk width)."""
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What `ModelRunner.warm_up` did."""
+
+    seconds: float
+    compiled: int
+    """Executables lowered and compiled (and stored, with a compile cache)."""
+    cached: int
+    """Executables found in the compile cache: checked, loaded on first use or by `load_cached`."""
+
+
 class ModelRunner:
     """Holds the split model, the KV pools and one compiled executable per bucket."""
 
@@ -156,37 +172,108 @@ class ModelRunner:
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._score = jax.jit(_score, static_argnums=0)
         self._compiled_score: dict[int, Any] = {}
+        self._store: ExecutableStore | None = None
+        self._fingerprint: dict[str, Any] = {}
+        self._pending: dict[Entry, str] = {}
+        """Entries verified in the store and not loaded yet, with their keys."""
+        self._loads: PendingLoads | None = None
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
         return self._jitted.lower(self.graphdef, self.state, self.cache, abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
-        """Lower and compile one bucket with abstract inputs (idempotent)."""
-        if shape not in self._compiled:
-            self._compiled[shape] = self._lower(shape).compile()
-        return self._compiled[shape]
+        """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
+        compiled (idempotent)."""
+        return self._executable(("step", shape), warn=False)
 
-    def warm_up(self, shapes: list[tuple[int, int, int]] | None = None, progress: Any = None) -> float:
-        """Compile every bucket of the grid (or `shapes`); returns the seconds it took.
+    def warm_up(self, shapes: list[tuple[int, int, int]] | None = None, progress: Any = None,
+                store: ExecutableStore | None = None) -> WarmUp:
+        """Make every bucket of the grid (or `shapes`) and its prompt-logprob graph ready to run.
 
-        Lowering (tracing, which holds the GIL) runs here while XLA compiles earlier buckets on a thread per
-        core: on 2 cores that is 1.7x faster than one after the other.
+        Without a `store`, every executable is compiled here. With one, an executable found in it is only
+        checked (checksum) and is deserialized on its first use or by `load_cached()`; the rest are compiled
+        and stored. Either way nothing compiles afterwards. Lowering (tracing, which holds the GIL) runs here
+        while XLA compiles earlier buckets on a thread per core: on 2 cores that is 1.7x faster than one after
+        the other.
         """
         start = time.perf_counter()
+        if store is not None and store is not self._store:
+            self._store, self._fingerprint = store, store.fingerprint(self.graphdef, self.state)
         todo = [s for s in (shapes if shapes is not None else self.grid.all_shapes()) if s not in self._compiled]
         widths = sorted({t for _, t, _ in todo if t > 1} - set(self._compiled_score))
+        entries: list[Entry] = [("step", s) for s in todo] + [("score", w) for w in widths]
+        cached = 0
+        if self._store is not None:
+            for entry in entries:
+                key = self._key(entry)[0]
+                if entry in self._pending or self._store.verify(key):
+                    self._pending[entry] = key
+                    cached += 1
+                    if progress is not None and entry[0] == "step":
+                        progress(entry[1])
+            self._loads = PendingLoads(self._store, self._pending)
+        build = [e for e in entries if e not in self._pending]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            futures = {pool.submit(lowered.compile): shape for shape, lowered in
-                       ((shape, self._lower(shape)) for shape in todo)}
-            scores = {pool.submit(self._lower_score(w).compile): w for w in widths}
+            futures = {pool.submit(self._compile_lowered, entry, self._lower_entry(entry)): entry for entry in build}
             for future in as_completed(futures):
-                shape = futures[future]
-                self._compiled[shape] = future.result()
-                if progress is not None:
-                    progress(shape)
-            for future in as_completed(scores):
-                self._compiled_score[scores[future]] = future.result()
-        return time.perf_counter() - start
+                kind, arg = entry = futures[future]
+                self._table(kind)[arg] = future.result()
+                if progress is not None and kind == "step":
+                    progress(arg)
+        if self._store is not None and build:
+            self._store.prune()
+        return WarmUp(time.perf_counter() - start, compiled=len(build), cached=cached)
+
+    def load_cached(self) -> None:
+        """Deserialize, on a background thread, every executable warm-up found in the compile cache (a step
+        that needs one first loads it itself). Those with no past first: what a new server runs first."""
+        if self._loads is None or not self._pending:
+            return
+        order = sorted(self._pending, key=lambda e: (0, e[1][2], e[1][0] * e[1][1]) if e[0] == "step" else (1, e[1]))
+        self._loads.start(order, lambda entry, executable: self._table(entry[0]).__setitem__(entry[1], executable))
+
+    def _table(self, kind: str) -> dict[Any, Any]:
+        return self._compiled if kind == "step" else self._compiled_score
+
+    def _lower_entry(self, entry: Entry) -> Any:
+        kind, arg = entry
+        return self._lower(arg) if kind == "step" else self._lower_score(arg)
+
+    def _key(self, entry: Entry) -> tuple[str, dict[str, Any]]:
+        """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device,
+        versions, code), the KV pool, the bucket grid, and the entry's kind and shape. The grid is in every key,
+        although an executable depends only on its own shape and the pool: a changed grid never loads an old
+        executable, and most grid changes resize the pool (which every step takes) anyway."""
+        kind, arg = entry
+        spec, grid = self.cache_spec, self.grid
+        material: dict[str, Any] = {
+            **self._fingerprint, "device_id": self.device.id,
+            "cache": [spec.num_layers, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim,
+                      jnp.dtype(spec.dtype).name],
+            "grid": [grid.max_batch_size, grid.prefill_chunk, grid.max_pages, grid.page_size],
+            "kind": kind, "shape": list(arg) if kind == "step" else [1, arg, self.hidden_size],
+        }
+        return ExecutableStore.key(material), material
+
+    def _compile_lowered(self, entry: Entry, lowered: Any) -> Any:
+        """XLA-compile one lowered entry (on a worker thread: XLA releases the GIL) and store it."""
+        compiled = lowered.compile()
+        if self._store is not None:
+            self._store.save(*self._key(entry), compiled)
+        return compiled
+
+    def _executable(self, entry: Entry, *, warn: bool = True) -> Any:
+        """An entry's executable: already loaded, loaded now from the compile cache, or compiled now."""
+        kind, arg = entry
+        table = self._table(kind)
+        if arg not in table:
+            executable = self._loads.take(entry) if self._loads is not None else None
+            if executable is None:
+                if warn:
+                    log.warning("compiling %s graph %s outside warm-up", kind, arg)
+                executable = self._compile_lowered(entry, self._lower_entry(entry))
+            table[arg] = executable
+        return table[arg]
 
     def step(self, inputs: StepInputs) -> tuple[SampleOutput, jax.Array]:
         """Run one bucketed step: (sampled tokens, hidden states [B, T, D]), left on the device (dispatch is
@@ -194,8 +281,7 @@ class ModelRunner:
         shape = (inputs.tokens.shape[0], inputs.tokens.shape[1], inputs.page_table.shape[1])
         executable = self._compiled.get(shape)
         if executable is None:
-            log.warning("compiling bucket %s outside warm-up", shape)
-            executable = self.compile(shape)
+            executable = self._executable(("step", shape))
         self.cache, out, hidden = executable(self.state, self.cache, inputs)
         return out, hidden
 
@@ -206,7 +292,7 @@ class ModelRunner:
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:
         """Prompt logprobs for one prefill chunk (`echo` with `logprobs`); compiled per chunk bucket."""
         width = hidden.shape[1]
-        if width not in self._compiled_score:
-            log.warning("compiling the prompt-logprob graph for %d tokens outside warm-up", width)
-            self._compiled_score[width] = self._lower_score(width).compile()
-        return self._compiled_score[width](self.state, hidden, targets)
+        executable = self._compiled_score.get(width)
+        if executable is None:
+            executable = self._executable(("score", width))
+        return executable(self.state, hidden, targets)

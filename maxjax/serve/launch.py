@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from maxjax.config import PipelineConfig
 from maxjax.devices import DeviceSpec
@@ -18,6 +18,9 @@ from maxjax.errors import UserError
 from maxjax.registry import Registry
 from maxjax.serve.app import ServingState
 from maxjax.serve.server import serve
+
+if TYPE_CHECKING:
+    from maxjax.graph.runner import WarmUp
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,16 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
                          model_root=model)
 
     def load(state: ServingState) -> None:
+        import jax
+
+        from maxjax.graph.compile_cache import open_store
         from maxjax.hub import resolve_model
         from maxjax.pipeline import load_model
         from maxjax.serve.engine import AsyncEngine
         from maxjax.serve.engine_core import EngineCore
 
         device = device_spec.select()[0]
+        store = open_store(config.compile_cache, device)  # before anything compiles
         resolved = resolve_model(model, revision=revision, quantization_encoding=quantization_encoding)
         state.model_root = state.model_root or str(resolved.path)
         loaded = load_model(resolved, registry=registry, platform=device.platform)
@@ -52,14 +59,50 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         except ValueError as e:
             raise UserError(str(e)) from None
         shapes = core.grid.all_shapes()
-        start = time.perf_counter()
-        core.runner.warm_up(shapes, progress=_progress(len(shapes)))
-        log.info("compiled %d executables in %.1f s", len(shapes), time.perf_counter() - start)
+        report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
+        core.runner.load_cached()
+        jax.block_until_ready(core.runner.cache)  # the KV pool is zeroed (seconds on CPU) before /health says ready
+        _log_warm_up(report)
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
         state.set_ready(engine, loaded.tokenizer)
 
     serve(config.server, load, state=state)
+
+
+def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | None,
+               quantization_encoding: str | None, devices: str | None,
+               custom_architectures: Sequence[str] = ()) -> WarmUp:
+    """`max warm-cache`: compile into the compile cache every executable `max serve` with the same flags needs,
+    without serving; what is already cached is only checked."""
+    from maxjax.custom import registry_with
+    from maxjax.graph.compile_cache import open_store
+    from maxjax.hub import resolve_model
+    from maxjax.pipeline import load_model
+    from maxjax.serve.engine_core import EngineCore
+
+    if not config.compile_cache.enabled:
+        raise UserError("max warm-cache fills the compile cache: drop --no-compile-cache")
+    registry = registry_with(custom_architectures)
+    device = DeviceSpec.parse(devices).select()[0]
+    store = open_store(config.compile_cache, device)
+    loaded = load_model(resolve_model(model, revision=revision, quantization_encoding=quantization_encoding),
+                        registry=registry, platform=device.platform)
+    try:
+        core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    shapes = core.grid.all_shapes()
+    report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
+    _log_warm_up(report)
+    if store is not None:
+        log.info("compile cache: %s", store.directory.parent)
+    return report
+
+
+def _log_warm_up(report: WarmUp) -> None:
+    log.info("%d executables ready in %.1f s: %d compiled, %d found in the compile cache",
+             report.compiled + report.cached, report.seconds, report.compiled, report.cached)
 
 
 def _check_architecture(model: str | None, registry: Registry) -> None:
@@ -89,13 +132,13 @@ def _progress(total: int):  # type: ignore[no-untyped-def]
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="compiling", unit="graph")
+        bar = tqdm(total=total, desc="compiling (or finding in the cache)", unit="graph")
         return lambda shape: bar.update(1)
     done = [0]
 
     def tick(shape: tuple[int, int, int]) -> None:
         done[0] += 1
         if done[0] == total or done[0] % max(1, total // 10) == 0:
-            log.info("compiled %d/%d graphs (last: batch %d, tokens %d, past pages %d)", done[0], total, *shape)
+            log.info("%d/%d graphs ready (last: batch %d, tokens %d, past pages %d)", done[0], total, *shape)
 
     return tick
