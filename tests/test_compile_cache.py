@@ -283,3 +283,15 @@ def test_model_signature_tells_dtypes_apart_but_not_weight_values() -> None:
     scaled = jax.tree.map(lambda x: x * 2, state)
     assert model_signature(f32, state) == model_signature(f32, scaled)
     assert model_signature(f32, state) != model_signature(bf16, state16)
+
+
+def test_a_memory_bound_pool_rounds_to_whole_sequences_so_warm_starts_still_hit() -> None:
+    from maxjax.graph.memory import plan_kv_pages
+
+    def pages(budget: int) -> int:
+        return plan_kv_pages(bytes_per_page=1 << 20, page_size=16, max_batch_size=32, max_length=8192,
+                             budget_bytes=budget)
+
+    assert pages(64 << 30) == 32 * 512 + 1  # everything fits: exactly what 32 full sequences need
+    assert pages(5000 << 20) == 9 * 512 + 1  # 4999 affordable pages: 9 whole sequences
+    assert {pages((5000 << 20) + jitter) for jitter in range(-100 << 20, 100 << 20, 7 << 20)} == {9 * 512 + 1}

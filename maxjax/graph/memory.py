@@ -25,7 +25,8 @@ def device_memory_bytes(device: jax.Device) -> int:
 def plan_kv_pages(
     *, bytes_per_page: int, page_size: int, max_batch_size: int, max_length: int, budget_bytes: int
 ) -> int:
-    """Pages for the pool, page 0 (scratch) included. Raises ValueError when not even one sequence fits."""
+    """Pages for the pool, page 0 (scratch) included: what `max_batch_size` full-length sequences need, or, when
+    the budget holds less, a whole number of full-length sequences. Raises ValueError when not even one fits."""
     pages_per_row = -(-max_length // page_size)
     wanted = max_batch_size * pages_per_row + 1
     affordable = budget_bytes // bytes_per_page
@@ -35,4 +36,9 @@ def plan_kv_pages(
             f"sequence of max_length {max_length} needs ({pages_per_row + 1}): raise "
             "--device-memory-utilization or lower --max-length"
         )
-    return min(wanted, affordable)
+    if affordable >= wanted:
+        return wanted
+    # Memory-bound: a whole number of max-length sequences. The pool's shape is part of every compiled executable
+    # (and of its compile-cache key); rounding keeps it the same from start to start while what the OS reports
+    # available moves by a few MB, so a warm start still finds its executables.
+    return (affordable - 1) // pages_per_row * pages_per_row + 1
