@@ -79,6 +79,29 @@ def entries(cache: Path) -> list[Path]:
     return sorted((cache / "executables").glob("*.jaxexec"))
 
 
+RUN_EVERY_ENTRY = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp
+from maxjax.graph.compile_cache import ExecutableStore
+store = ExecutableStore(Path(sys.argv[1]), jax.devices()[0])
+for path in sorted(store.directory.glob("*.jaxexec")):
+    compiled = store.load(path.stem)
+    assert compiled is not None, path
+    args, kwargs = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), compiled.args_info,
+                                is_leaf=lambda x: isinstance(x, jax.stages.ArgInfo))
+    jax.block_until_ready(compiled(*args, **kwargs))
+"""
+
+
+def run_every_entry(cache: Path) -> None:
+    """Load every stored executable in a new process and run it on zeros. (An executable serialized after it was
+    itself deserialized loads, then fails here: XLA:CPU drops its kernels.)"""
+    proc = subprocess.run([sys.executable, "-c", RUN_EVERY_ENTRY, str(cache)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
     """A cache filled by one cold `max warm-cache`, and that run. Tests that damage it work on a copy."""
@@ -100,7 +123,9 @@ def test_cold_warm_cache_compiles_and_stores_every_executable(filled: tuple[Path
     assert run.counts == (TOTAL, 0)
     assert len(run.model_compiles) == TOTAL
     assert len(entries(cache)) == TOTAL
-    assert any((cache / "xla").iterdir()), "JAX's persistent cache should hold the compiled executables too"
+    xla = [p.name for p in (cache / "xla").iterdir()]
+    assert xla, "JAX's persistent cache holds the small helpers"
+    assert not [name for name in xla if name.startswith(("jit__step", "jit__score"))], "the store holds those"
 
 
 def test_second_warm_cache_compiles_nothing(filled: tuple[Path, Run], copy: Path) -> None:
@@ -169,6 +194,7 @@ def test_a_damaged_or_missing_entry_costs_exactly_its_own_recompile(copy: Path) 
     assert "is unusable" in run.log
     assert {p.name for p in entries(copy)} >= {damaged.name, truncated.name, deleted.name}
     assert warm_cache(copy).counts == (0, TOTAL)
+    run_every_entry(copy)
 
 
 @pytest.mark.parametrize("change", [["--quantization-encoding", "bfloat16"], ["--kv-cache-page-size", "8"],

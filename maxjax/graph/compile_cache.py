@@ -5,13 +5,13 @@ Two layers, both under one directory (`compile/` in `maxjax.paths.cache_dir()` u
 
 - `executables/`: our store of serialized executables (`jax.experimental.serialize_executable`), one file per
   bucket. A hit skips tracing as well as compiling. Each file is named by a hash of everything the executable
-  depends on (`ExecutableStore.fingerprint` + the entry's kind and shape), so a new JAX, another device or CPU,
-  another model or dtype, another KV pool or page size, a different `XLA_FLAGS`, or an edit to the graph or
-  model code gets new names and never loads an old executable; a bucket shape shared by two grids is the same
-  executable and is shared. Files carry a checksum; a corrupt or unloadable one is deleted and recompiled.
-- `xla/`: JAX's own persistent compilation cache, every executable whatever its compile time. It catches what our
-  store misses (small jitted helpers; a code edit that leaves the HLO unchanged still has to trace, but not to
-  compile) and is keyed by JAX itself on the HLO, compile options, JAX version and device.
+  depends on (`ExecutableStore.fingerprint`, the KV pool, the bucket grid, the entry's kind and shape), so a new
+  JAX, another device or CPU, another model or dtype, another pool or grid, a different `XLA_FLAGS`, or an edit
+  to the graph or model code gets new names and never loads an old executable. Files carry a checksum; a corrupt
+  or unloadable one is deleted and compiled again, and nothing else is.
+- `xla/`: JAX's own persistent compilation cache, keyed by JAX on the HLO, compile options, JAX version and
+  device, for every other executable whatever its compile time (the small jitted helpers: KV pool allocation,
+  dtype conversions). The model graphs stay out of it (`compile_for_store` says why).
 
 Deserializing one step executable costs about 0.3 s of CPU here (XLA rebuilds its HLO module and thunks), and two
 threads do not load faster than one, so a warm start does not load the whole grid before it is ready: warm-up
@@ -107,6 +107,22 @@ def open_store(config: CompileCacheConfig, device: jax.Device) -> ExecutableStor
         return None
     configure_jax_cache(directory, device.platform)
     return store
+
+
+def compile_for_store(lowered: Any) -> Any:
+    """Compile a lowered model graph for the store, neither from nor into JAX's persistent cache.
+
+    Two reasons. XLA:CPU cannot serialize again an executable it deserialized: the copy lacks the kernels, and
+    the process that loads it fails with 'Function ... not found' at the first run; so an executable JAX's cache
+    hands back must never reach the store. And writing each model graph to JAX's cache as well would only
+    duplicate the store at 0.1-0.2 s of CPU per executable. The compile option named here is XLA's default (the
+    program is unchanged); naming it changes JAX's key, so an entry JAX wrote for this graph earlier is never
+    found, and the thread-local minimum compile time keeps JAX from writing one.
+    """
+    from jax._src import config as jax_config  # thread-local config overrides have no public API
+
+    with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
+        return lowered.compile(compiler_options={"xla_embed_ir_in_executable": False})
 
 
 class ExecutableStore:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax.graph.buckets import BucketGrid
-from maxjax.graph.compile_cache import ExecutableStore, PendingLoads
+from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, compile_for_store
 from maxjax.graph.sampling import (
     ADJUST_SLOTS,
     LOGPROB_FLOOR,
@@ -257,9 +257,10 @@ class ModelRunner:
 
     def _compile_lowered(self, entry: Entry, lowered: Any) -> Any:
         """XLA-compile one lowered entry (on a worker thread: XLA releases the GIL) and store it."""
-        compiled = lowered.compile()
-        if self._store is not None:
-            self._store.save(*self._key(entry), compiled)
+        if self._store is None:
+            return lowered.compile()
+        compiled = compile_for_store(lowered)
+        self._store.save(*self._key(entry), compiled)
         return compiled
 
     def _executable(self, entry: Entry, *, warn: bool = True) -> Any:
