@@ -166,7 +166,15 @@ class ModelRunner:
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.state = jax.device_put(state, self.device)
-        self.cache = cache_spec.allocate(self.device)
+        # The pools are zeroed on a thread of their own: on CPU that is seconds (11 GiB of first-touch page faults
+        # for the default grid), which warm-up overlaps; `cache` waits for them.
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        self._cache_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                         jax.eval_shape(lambda: cache_spec.allocate(self.device)))
+        self._cache: KVCache | None = None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxjax-kv")
+        self._allocation = pool.submit(cache_spec.allocate, self.device)
+        pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = (int(d) for d in model.embed.shape)  # type: ignore[attr-defined]
         self._jitted = jax.jit(_step, static_argnums=0, donate_argnums=2)
         self._compiled: dict[tuple[int, int, int], Any] = {}
@@ -178,8 +186,19 @@ class ModelRunner:
         """Entries verified in the store and not loaded yet, with their keys."""
         self._loads: PendingLoads | None = None
 
+    @property
+    def cache(self) -> KVCache:
+        """The KV pools (the first use waits until they are allocated)."""
+        if self._cache is None:
+            self._cache = self._allocation.result()
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: KVCache) -> None:
+        self._cache = value
+
     def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self.state, self.cache, abstract_inputs(*shape))
+        return self._jitted.lower(self.graphdef, self.state, self._cache_avals, abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
         """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
