@@ -60,8 +60,8 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
             raise UserError(str(e)) from None
         shapes = core.grid.all_shapes()
         report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
-        core.runner.load_cached()
         jax.block_until_ready(core.runner.cache)  # the KV pool is zeroed (seconds on CPU) before /health says ready
+        core.runner.load_cached()
         _log_warm_up(report)
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
