@@ -1,5 +1,8 @@
 """The OpenAI request bodies as pydantic models, and the shapes of what we send back.
 
+(Past 400 lines on purpose: it is one flat list of field declarations with their ranges, the wire contract in
+one place; splitting requests from responses would separate each field from the shape it comes back in.)
+
 A request body goes through three gates, each of which answers 400 with an OpenAI error object naming the field:
 
 1. `json.loads` (app.py): malformed JSON, NaN/Infinity literals, a body that is not an object.
