@@ -235,7 +235,7 @@ class ModelRunner:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             futures = {pool.submit(self._compile_lowered, entry, self._lower_entry(entry)): entry for entry in build}
             for future in as_completed(futures):
-                kind, arg = entry = futures[future]
+                kind, arg = futures[future]
                 self._table(kind)[arg] = future.result()
                 if progress is not None and kind == "step":
                     progress(arg)
