@@ -38,6 +38,7 @@ from maxjax.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from maxjax.models.llama import with_embeddings
 
 _DEFAULTS: dict[str, Any] = {
     "vocab_size": 262_208,
@@ -185,14 +186,7 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
             },
             "post_mlp_norm": {"weight": get(p + "post_feedforward_layernorm.weight")},
         }
-    params: dict[str, Any] = {
-        "embed": get("model.embed_tokens.weight"),
-        "layers": layers,
-        "norm": {"weight": get("model.norm.weight")},
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight")}
-    return params
+    return with_embeddings(cfg, get, layers)
 
 
 _LANGUAGE_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")

@@ -123,6 +123,12 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
         if cfg.qk_norm:
             layers[i]["q_norm"] = {"weight": get(p + "self_attn.q_norm.weight")}
             layers[i]["k_norm"] = {"weight": get(p + "self_attn.k_norm.weight")}
+    return with_embeddings(cfg, get, layers)
+
+
+def with_embeddings(cfg: TransformerConfig, get: Callable[[str], np.ndarray], layers: dict[int, Any]) -> dict[str, Any]:
+    """The whole model's parameter dict around `layers`: embeddings, final norm and (untied) LM head, which every
+    decoder-only family names the same way."""
     params: dict[str, Any] = {
         "embed": get("model.embed_tokens.weight"),
         "layers": layers,

@@ -17,7 +17,7 @@ import numpy as np
 
 from maxjax.models import gguf_common
 from maxjax.models.config import TransformerConfig
-from maxjax.models.llama import LlamaForCausalLM
+from maxjax.models.llama import LlamaForCausalLM, with_embeddings
 
 __all__ = ["Phi3ForCausalLM", "config_from_hf", "load_params", "gguf_to_hf_config", "gguf_name_to_hf",
            "gguf_tensor_to_hf"]
@@ -49,14 +49,7 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
                 "down": {"kernel": get(p + "mlp.down_proj.weight")},
             },
         }
-    params: dict[str, Any] = {
-        "embed": get("model.embed_tokens.weight"),
-        "layers": layers,
-        "norm": {"weight": get("model.norm.weight")},
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": get("lm_head.weight")}
-    return params
+    return with_embeddings(cfg, get, layers)
 
 
 def gguf_to_hf_config(metadata: Mapping[str, Any], tensor_names: set[str]) -> dict[str, Any]:
