@@ -46,12 +46,11 @@ def generate(
         KVCacheConfig(num_pages=-(-max(max_length, 16) // 16) + 1),
     )
     # Compile the buckets this request will use before the clock starts (the server compiles its whole grid).
-    grid, ps = core.grid, core.page_size
-    shapes = {(1, grid.chunk_bucket(min(len(prompt_ids), grid.prefill_chunk)), 0)}
-    shapes |= {(1, 1, grid.pages_bucket(-(-n // ps))) for n in range(len(prompt_ids), max_length)}
+    grid = core.grid
+    shapes = {(1, grid.chunk_bucket(min(len(prompt_ids), grid.prefill_chunk)), grid.max_pages),
+              (1, 1, grid.max_pages)}
     if len(prompt_ids) > grid.prefill_chunk:
-        shapes |= {(1, grid.prefill_chunk, grid.pages_bucket(-(-n // ps)))
-                   for n in range(grid.prefill_chunk, len(prompt_ids), grid.prefill_chunk)}
+        shapes.add((1, grid.prefill_chunk, grid.max_pages))
     core.runner.warm_up(sorted(shapes))
     core.add(GenerationRequest("generate", tuple(prompt_ids), params))
     detok = tok.detokenizer()

@@ -46,13 +46,13 @@ def machine_rates() -> tuple[float, float]:
     return 2**30 / read_s / 1e9, 2 * 4096**3 / mm_s / 1e9
 
 
-def decode_inputs(rows: int, bucket: int, context: int, page_size: int, pages_bucket: int) -> StepInputs:
+def decode_inputs(rows: int, bucket: int, context: int, page_size: int, table_width: int) -> StepInputs:
     pages_per_row = -(-(context + 1) // page_size)
-    page_table = np.zeros((bucket, pages_bucket), np.int32)
+    page_table = np.zeros((bucket, table_width), np.int32)
     slots = np.zeros((bucket, 1), np.int32)
     for r in range(rows):
         pages = 1 + r * pages_per_row + np.arange(pages_per_row)
-        page_table[r, : min(pages_per_row, pages_bucket)] = pages[:pages_bucket]
+        page_table[r, : min(pages_per_row, table_width)] = pages[:table_width]
         slots[r, 0] = pages[context // page_size] * page_size + context % page_size
     temperature = np.zeros(bucket, np.float32)
     top_p = np.ones(bucket, np.float32)
@@ -85,13 +85,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=8192,
+                        help="the server's --max-length: it sets the page-table width (default: the server's)")
     args = parser.parse_args()
 
     loaded = load_model(resolve_model(args.model))
     cfg = loaded.config
     max_batch = max(args.batch)
     pages_per_row = -(-(args.context + 1) // args.page_size)
-    grid = BucketGrid(max_batch_size=max_batch, prefill_chunk=16, max_pages=pages_per_row, page_size=args.page_size)
+    grid = BucketGrid(max_batch_size=max_batch, prefill_chunk=16, max_pages=-(-args.max_length // args.page_size),
+                      page_size=args.page_size)
     spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
                      loaded.dtype)
     runner = ModelRunner(loaded.model, spec, grid)
@@ -99,7 +102,7 @@ def main() -> None:
           f"page size {args.page_size}")
     for rows in args.batch:
         bucket = grid.batch_bucket(rows)
-        pages = grid.pages_bucket(-(-args.context // args.page_size))
+        pages = grid.max_pages
         inputs = decode_inputs(rows, bucket, args.context, args.page_size, pages)
         start = time.perf_counter()
         runner.compile((bucket, 1, pages))

@@ -36,10 +36,10 @@ from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, model_sign
 
 LLAMA = Path(__file__).parent / "fixtures" / "arch" / "llama"
 MAX = str(Path(sys.executable).parent / "max")
-# batch 1, 2 pages of 16 per row: decode (1,1,1) (1,1,2), prefill (1,16,0) (1,16,1) (1,16,2), one score graph
-FLAGS = ["--model", str(LLAMA), "--max-batch-size", "1", "--max-length", "32", "--prefill-chunk-size", "16",
+# batch 2, 2 pages of 16 per row: decode (1,1,2) (2,1,2), prefill (1,16,2), one score graph
+FLAGS = ["--model", str(LLAMA), "--max-batch-size", "2", "--max-length", "32", "--prefill-chunk-size", "16",
          "--kv-cache-pages", "8"]
-TOTAL = 6
+TOTAL = 4
 
 
 @dataclass
@@ -198,7 +198,7 @@ def test_a_damaged_or_missing_entry_costs_exactly_its_own_recompile(copy: Path) 
 
 
 @pytest.mark.parametrize("change", [["--quantization-encoding", "bfloat16"], ["--kv-cache-page-size", "8"],
-                                    ["--max-batch-size", "2"]], ids=["dtype", "page-size", "batch-grid"])
+                                    ["--max-batch-size", "1"]], ids=["dtype", "page-size", "batch-grid"])
 def test_another_dtype_or_grid_loads_none_of_the_old_executables(copy: Path, change: list[str]) -> None:
     before = {p.name for p in entries(copy)}
     run = warm_cache(copy, *change)

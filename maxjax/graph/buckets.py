@@ -1,9 +1,10 @@
 """The bucket grid: the one place that decides which static shapes exist, so warm-up can compile all of them.
 
-A step's shape is (rows, new tokens per row, past pages per row). Decode steps have one new token per row and
+A step's shape is (rows, new tokens per row, page-table width). Decode steps have one new token per row and
 round the batch up to a power of two; prefill steps are one row whose chunk rounds up to a power of two from
-16; the past each row attends rounds up to a power-of-two number of pages, so a step costs what the live
-context costs rather than the maximum length.
+16. The page table is always `max_pages` wide: attention reads only as many blocks of it as the longest past
+in the batch needs (a run-time trip count), so context length adds no shapes and a step still costs what its
+live context costs. That keeps the grid to one executable per batch size and per chunk size.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class BucketGrid:
     prefill_chunk: int
     """Most prompt tokens in one prefill step (a power of two >= 16)."""
     max_pages: int
-    """Pages one row can hold: ceil(max_length / page_size)."""
+    """Pages one row can hold: ceil(max_length / page_size); the width of every page table."""
     page_size: int = 16
 
     @property
@@ -46,38 +47,19 @@ class BucketGrid:
     def chunk_sizes(self) -> list[int]:
         return _powers_of_two(16, self.prefill_chunk)
 
-    @property
-    def page_counts(self) -> list[int]:
-        """Past pages a step may gather: 0 (no past) or a power of two up to max_pages."""
-        return [0, *_powers_of_two(1, self.max_pages)]
-
     def batch_bucket(self, rows: int) -> int:
         return _round_up(rows, self.batch_sizes)
 
     def chunk_bucket(self, tokens: int) -> int:
         return _round_up(tokens, self.chunk_sizes)
 
-    def pages_bucket(self, pages: int) -> int:
-        return _round_up(pages, self.page_counts)
-
     def decode_shapes(self) -> list[tuple[int, int, int]]:
-        """(rows, 1, past pages) for every decode step. A decode row always has a past."""
-        return [(b, 1, p) for b in self.batch_sizes for p in self.page_counts if p > 0]
-
-    @property
-    def prefill_page_counts(self) -> list[int]:
-        """Past pages a prefill chunk may gather: none, or at least a whole chunk's worth. Chunks start at
-        multiples of `prefill_chunk`; a prompt whose first pages came from the prefix cache has a shorter past,
-        and gathers the smallest of these buckets that holds it (the rest is masked)."""
-        first_past = -(-self.prefill_chunk // self.page_size)
-        return [p for p in self.page_counts if p == 0 or p >= min(first_past, self.max_pages)]
-
-    def prefill_pages_bucket(self, pages: int) -> int:
-        return _round_up(pages, self.prefill_page_counts)
+        """(rows, 1, max_pages) for every decode step."""
+        return [(b, 1, self.max_pages) for b in self.batch_sizes]
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """(1, chunk, past pages) for every prefill step."""
-        return [(1, t, p) for t in self.chunk_sizes for p in self.prefill_page_counts]
+        """(1, chunk, max_pages) for every prefill step, with or without a cached past."""
+        return [(1, t, self.max_pages) for t in self.chunk_sizes]
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return self.prefill_shapes() + self.decode_shapes()

@@ -245,10 +245,10 @@ class ModelRunner:
 
     def load_cached(self) -> None:
         """Deserialize, on a background thread, every executable warm-up found in the compile cache (a step
-        that needs one first loads it itself). Those with no past first: what a new server runs first."""
+        that needs one first loads it itself). Smallest steps first: what a new server runs first."""
         if self._loads is None or not self._pending:
             return
-        order = sorted(self._pending, key=lambda e: (0, e[1][2], e[1][0] * e[1][1]) if e[0] == "step" else (1, e[1]))
+        order = sorted(self._pending, key=lambda e: (0, e[1][0] * e[1][1]) if e[0] == "step" else (1, e[1]))
         self._loads.start(order, lambda entry, executable: self._table(entry[0]).__setitem__(entry[1], executable))
 
     def _table(self, kind: str) -> dict[Any, Any]:

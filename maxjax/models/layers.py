@@ -139,7 +139,8 @@ class AttentionBatch(NamedTuple):
     """What every attention layer of one step needs to know about the batch (built once per step)."""
 
     page_table: jax.Array
-    """[B, P] int32: the pages holding each row's past, in order; P = 0 when no row has a past."""
+    """[B, P] int32: the pages holding each row's past, in order, then page 0 (P is the most pages a row can
+    hold; only as many blocks as the longest past needs are read)."""
     past_len: jax.Array
     """[B] int32: tokens already in the cache for each row (the position of the first new token)."""
     cos: jax.Array
@@ -163,12 +164,13 @@ class KVCache(NamedTuple):
         return int(self.k.shape[-1])
 
 
-BLOCK_ROW_TOKENS = 4096
-"""Past tokens (summed over rows) one attention block gathers: B=1 reads 4096 tokens a block, B=32 reads 128.
+BLOCK_PAGES = 8
+"""Pages of each row's past one attention step visits at a time (128 tokens with 16-token pages).
 
-Gathered pages are temporaries; keeping each block to a few MB keeps a step's scratch memory small enough
-for the allocator to reuse it between steps instead of mapping (and page-faulting) fresh memory every time,
-which cost more than the attention itself at batch 32.
+The number of blocks is decided at run time from the longest past in the batch, so one executable serves
+every context length (the page table is always `max_pages` wide) and a step costs what its live context
+costs, rounded up to a block. Small blocks keep that rounding and the gathered temporaries small; a visit
+costs microseconds of loop overhead, which long contexts can afford.
 """
 
 
@@ -181,8 +183,9 @@ def paged_attention(
     q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E].
 
     The cache is only read here: new keys and values are written for all layers at once after the step, so
-    the pool is never copied. The past is visited in blocks of pages with an online softmax (running max,
-    sum and output), so the gathered pages never exist all at once.
+    the pool is never copied. The past is visited `BLOCK_PAGES` pages at a time, as many blocks as the
+    longest past in the batch needs (a loop whose trip count is data, not shape), with an online softmax
+    (running max, sum and output), so the gathered pages never exist all at once.
     """
     b, t, h, e = q.shape
     k_heads = k_new.shape[2]
@@ -210,25 +213,25 @@ def paged_attention(
     run_sum = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkmu,buke->bkme", p.astype(v_new.dtype), v_new).astype(jnp.float32)
 
-    num_pages = batch.page_table.shape[1]
-    if num_pages:
+    if batch.page_table.shape[1]:
         page_size = cache.page_size
-        block_pages = max(1, min(num_pages, BLOCK_ROW_TOKENS // (b * page_size)))
-        while num_pages % block_pages:
-            block_pages -= 1
-        block_len = block_pages * page_size
-        # Tie the page table to this layer's queries: otherwise XLA hoists every layer's gathers to the
-        # start of the step and holds them all at once. (An optimization barrier does not order them; a
-        # dependency does: nothing is greater than +inf, so this adds 0.)
-        page_table = batch.page_table + (qg[0, 0, 0, 0] > jnp.inf).astype(jnp.int32)
+        block_len = BLOCK_PAGES * page_size
+        pad = -batch.page_table.shape[1] % BLOCK_PAGES
+        page_table = jnp.pad(batch.page_table, ((0, 0), (0, pad)))  # padding points at page 0, masked anyway
+        # Each pool seen as rows of one page of one layer: a gather of whole rows is the cheapest XLA:CPU has.
+        k_rows = cache.k.reshape(-1, k_heads * e * page_size)
+        v_rows = cache.v.reshape(-1, k_heads * e * page_size)
+        first_row = layer * cache.k.shape[1]
 
-        def visit(i: jax.Array | int, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        def visit(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             run_max, run_sum, out = carry
-            pages = jax.lax.dynamic_slice_in_dim(page_table, i * block_pages, block_pages, axis=1)
-            k_blk = cache.k.at[layer, pages].get(mode="promise_in_bounds")  # [B, bp, K, E, ps]
-            k_blk = k_blk.transpose(0, 2, 3, 1, 4).reshape(b, k_heads, e, block_len)
-            v_blk = cache.v.at[layer, pages].get(mode="promise_in_bounds")  # [B, bp, K, ps, E]
-            v_blk = v_blk.transpose(0, 2, 1, 3, 4).reshape(b, k_heads, block_len, e)
+            pages = jax.lax.dynamic_slice_in_dim(page_table, i * BLOCK_PAGES, BLOCK_PAGES, axis=1).reshape(-1)
+            k_blk = k_rows.at[first_row + pages].get(mode="promise_in_bounds")
+            k_blk = k_blk.reshape(b, BLOCK_PAGES, k_heads, e, page_size).transpose(0, 2, 3, 1, 4)
+            v_blk = v_rows.at[first_row + pages].get(mode="promise_in_bounds")
+            v_blk = v_blk.reshape(b, BLOCK_PAGES, k_heads, page_size, e).transpose(0, 2, 1, 3, 4)
+            k_blk = k_blk.reshape(b, k_heads, e, block_len)
+            v_blk = v_blk.reshape(b, k_heads, block_len, e)
             key_pos = i * block_len + jnp.arange(block_len)
             valid = jnp.broadcast_to((key_pos[None, :] < batch.past_len[:, None])[:, None, :], (b, m_rows, block_len))
             s = masked(jnp.einsum("bkme,bkes->bkms", qg, k_blk), key_pos, valid)
@@ -239,10 +242,8 @@ def paged_attention(
             out = out * correction + jnp.einsum("bkms,bkse->bkme", p.astype(v_blk.dtype), v_blk)
             return new_max, run_sum, out
 
-        carry: tuple[jax.Array, ...] = (run_max, run_sum, out)
-        n_blocks = num_pages // block_pages
-        carry = visit(0, carry) if n_blocks == 1 else jax.lax.fori_loop(0, n_blocks, visit, carry)
-        run_max, run_sum, out = carry
+        n_blocks = (jnp.max(batch.past_len) + block_len - 1) // block_len
+        run_max, run_sum, out = jax.lax.fori_loop(0, n_blocks, visit, (run_max, run_sum, out))
 
     out = (out / run_sum).astype(q.dtype)
     return out.reshape(b, k_heads, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)

@@ -143,13 +143,11 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _page_table(self, seqs: list[Sequence], rows: int, *, prefill: bool = False) -> np.ndarray:
-        """Pages covering each row's cached past, padded to the bucket (page 0 beyond)."""
-        need = max(-(-s.cached // self.page_size) for s in seqs)
-        width = self.grid.prefill_pages_bucket(need) if prefill else self.grid.pages_bucket(need)
-        table = np.zeros((rows, width), np.int32)
+    def _page_table(self, seqs: list[Sequence], rows: int) -> np.ndarray:
+        """Pages covering each row's cached past, `max_pages` wide (page 0 beyond)."""
+        table = np.zeros((rows, self.grid.max_pages), np.int32)
         for r, s in enumerate(seqs):
-            n = min(-(-s.cached // self.page_size), width)
+            n = -(-s.cached // self.page_size)
             table[r, :n] = s.pages[:n]
         return table
 
@@ -216,12 +214,11 @@ class EngineCore:
         chunk = range(seq.cached, seq.cached + n)
         tokens[0, :n] = seq.tokens[seq.cached : seq.cached + n]
         slots[0, :n] = [self._slot(seq, p) for p in chunk]
-        page_table = self._page_table([seq], 1, prefill=True) if seq.cached else np.zeros((1, 0), np.int32)
         inputs = StepInputs(
             tokens=tokens,
             past_len=np.array([seq.cached], np.int32),
             slots=slots,
-            page_table=page_table,
+            page_table=self._page_table([seq], 1),
             logit_index=np.array([[n - 1]], np.int32),
             sampling=self._sampling([seq], 1, [seq.cached + n]),
             adjust=self._adjustments([seq], 1),
