@@ -65,6 +65,9 @@ def test_greedy_continuations_match_reference_in_one_batch(loaded: LoadedModel) 
     got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(cases))}
     reasons = {}
     max_rows = 0
+    plan = core.scheduler.plan
+    prefill_rows = []
+    core.scheduler.plan = lambda: (p := plan(), prefill_rows.append(len(p.prefill)))[0]  # type: ignore[method-assign]
     while core.scheduler.has_work:
         max_rows = max(max_rows, sum(not s.in_prefill for s in core.scheduler.running))
         for seq, out in core.step():
@@ -72,6 +75,7 @@ def test_greedy_continuations_match_reference_in_one_batch(loaded: LoadedModel) 
             if out.finish_reason:
                 reasons[seq.request_id] = out.finish_reason
     assert max_rows >= 4, "the prompts should have decoded side by side"
+    assert max(prefill_rows) >= 2, "prompts that arrive together should share a prefill step"
     assert core.scheduler.pages.in_use == 0
     for i, case in enumerate(cases):
         want = case["greedy_ids"]

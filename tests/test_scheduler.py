@@ -17,10 +17,11 @@ def seq(name: str, prompt_len: int, new: int) -> Sequence:
 
 
 def run_prefill(s: Scheduler) -> None:
-    """Pretend the device ran the planned prefill chunk."""
+    """Pretend the device ran the planned prefill chunks."""
     plan = s.plan()
-    assert plan.prefill is not None
-    plan.prefill.cached += plan.prefill_tokens
+    assert plan.prefill
+    for q, n in plan.prefill:
+        q.cached += n
 
 
 def test_allocator_hands_out_each_page_once() -> None:
@@ -52,14 +53,52 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
     plans = []
     for _ in range(3):
         plan = s.plan()
-        plans.append((plan.prefill.request_id if plan.prefill else None, plan.prefill_tokens,
-                      [q.request_id for q in plan.decode]))
-        if plan.prefill:
-            plan.prefill.cached += plan.prefill_tokens
+        plans.append(([(q.request_id, n) for q, n in plan.prefill], [q.request_id for q in plan.decode]))
+        for q, n in plan.prefill:
+            q.cached += n
         for q in plan.decode:
             q.cached += 1
             q.tokens.append(1)
-    assert plans == [("long", 16, ["short"]), ("long", 16, ["short"]), ("long", 8, ["short"])]
+    assert plans == [([("long", 16)], ["short"]), ([("long", 16)], ["short"]), ([("long", 8)], ["short"])]
+
+
+def grid_fits(rows: int, tokens: int) -> bool:
+    """The server's rule with a 64-token prefill step: rows x chunk (both rounded up) at most 64."""
+    bucket = lambda n, lo: max(lo, 1 << (n - 1).bit_length())  # noqa: E731
+    return rows == 1 or bucket(rows, 1) * bucket(tokens, 16) <= 64
+
+
+def test_prompts_that_arrive_together_are_prefilled_together() -> None:
+    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=128, chunk_size=64,
+                  prefill_fits=grid_fits)
+    for name, n in [("a", 10), ("b", 14), ("c", 5), ("d", 12), ("e", 3)]:
+        s.add(seq(name, n, 4))
+    plan = s.plan()
+    # 4 rows x 16 tokens fill the 64-token step; "e" waits for the next one.
+    assert [(q.request_id, n) for q, n in plan.prefill] == [("a", 10), ("b", 14), ("c", 5), ("d", 12)]
+    for q, n in plan.prefill:
+        q.cached += n
+    plan = s.plan()
+    assert [(q.request_id, n) for q, n in plan.prefill] == [("e", 3)]
+    assert [q.request_id for q in plan.decode] == ["a", "b", "c", "d"]
+
+
+def test_a_long_chunk_and_a_prompt_logprobs_request_prefill_alone() -> None:
+    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=256, chunk_size=64,
+                  prefill_fits=grid_fits)
+    s.add(seq("long", 80, 4))
+    s.add(seq("short", 10, 4))
+    logprobs = seq("logprobs", 10, 4)
+    logprobs.reuse_prefix = False
+    s.add(logprobs)
+    s.add(seq("last", 10, 4))
+    steps = []
+    while any(q.in_prefill for q in s.running + list(s.waiting)):
+        plan = s.plan()
+        steps.append([(q.request_id, n) for q, n in plan.prefill])
+        for q, n in plan.prefill:
+            q.cached += n
+    assert steps == [[("long", 64)], [("long", 16), ("short", 10)], [("logprobs", 10)], [("last", 10)]]
 
 
 def test_batch_size_bounds_running_rows() -> None:

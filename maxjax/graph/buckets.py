@@ -1,10 +1,11 @@
 """The bucket grid: the one place that decides which static shapes exist, so warm-up can compile all of them.
 
 A step's shape is (rows, new tokens per row, page-table width). Decode steps have one new token per row and
-round the batch up to a power of two; prefill steps are one row whose chunk rounds up to a power of two from
-16. The page table is always `max_pages` wide: attention reads only as many blocks of it as the longest past
+round the batch up to a power of two. Prefill steps hold one prompt chunk per row, the chunk rounded up to a
+power of two from 16, and as many rows as fit in `prefill_chunk` tokens (rows x chunk): requests that arrive
+together are prefilled together, reading the weights once instead of once per prompt. The page table is always `max_pages` wide: attention reads only as many blocks of it as the longest past
 in the batch needs (a run-time trip count), so context length adds no shapes and a step still costs what its
-live context costs. That keeps the grid to one executable per batch size and per chunk size.
+live context costs. That keeps the grid to one executable per batch size and per (rows, chunk) pair of prefill.
 """
 
 from __future__ import annotations
@@ -57,9 +58,18 @@ class BucketGrid:
         """(rows, 1, max_pages) for every decode step."""
         return [(b, 1, self.max_pages) for b in self.batch_sizes]
 
+    def prefill_bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        """The (rows, chunk) bucket of a prefill step of `rows` chunks, the longest `tokens` long; None when
+        that is more than one prefill step may hold."""
+        if rows > self.max_batch_size or tokens > self.prefill_chunk:
+            return None
+        shape = self.batch_bucket(rows), self.chunk_bucket(tokens)
+        return shape if rows == 1 or shape[0] * shape[1] <= self.prefill_chunk else None
+
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
-        """(1, chunk, max_pages) for every prefill step, with or without a cached past."""
-        return [(1, t, self.max_pages) for t in self.chunk_sizes]
+        """(rows, chunk, max_pages) for every prefill step, with or without a cached past."""
+        return [(b, t, self.max_pages) for t in self.chunk_sizes for b in self.batch_sizes
+                if b == 1 or b * t <= self.prefill_chunk]
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return self.prefill_shapes() + self.decode_shapes()

@@ -142,7 +142,7 @@ def abstract_inputs(rows: int, tokens: int, pages: int) -> StepInputs:
 
 
 Entry = tuple[str, Any]
-"""One executable of the runner: ("step", (rows, tokens, past pages)) or ("score", chunk width)."""
+"""One executable of the runner: ("step", (rows, tokens, page-table width)) or ("score", chunk width)."""
 
 
 @dataclass(frozen=True)

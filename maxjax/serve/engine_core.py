@@ -29,7 +29,7 @@ from maxjax.serve.protocol import (
     SamplingParams,
     TokenLogprob,
 )
-from maxjax.serve.scheduler import Plan, Scheduler, Sequence
+from maxjax.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class EngineCore:
         sched = Scheduler(
             num_pages=num_pages, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
             max_length=max_length, chunk_size=grid.prefill_chunk, max_queue=max_queue,
+            prefill_fits=lambda rows, tokens: grid.prefill_bucket(rows, tokens) is not None,
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
 
@@ -121,18 +122,17 @@ class EngineCore:
         results: list[tuple[Sequence, GenerationOutput]] = []
         if plan.empty:
             return results
-        prefill_out, scores = self._run_prefill(plan) if plan.prefill is not None else (None, None)
+        prefill_out, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
         decode_out = self._run_decode(plan.decode) if plan.decode else None
         # Fetch both results in one transfer, after both steps were dispatched.
         prefill_host, scores, decode_host = jax.device_get((prefill_out, scores, decode_out))
-        if plan.prefill is not None:
-            seq = plan.prefill
-            if scores is not None:
-                self._add_prompt_logprobs(seq, scores, plan.prefill_tokens)
-            seq.cached += plan.prefill_tokens
+        for row, (seq, n) in enumerate(plan.prefill):
+            if scores is not None:  # a sequence that wants prompt logprobs is prefilled alone
+                self._add_prompt_logprobs(seq, scores, n)
+            seq.cached += n
             self.scheduler.prefilled(seq)
             if not seq.in_prefill:
-                results.append((seq, self._append(seq, prefill_host, 0)))
+                results.append((seq, self._append(seq, prefill_host, row)))
         for row, seq in enumerate(plan.decode):
             seq.cached += 1
             results.append((seq, self._append(seq, decode_host, row)))
@@ -204,28 +204,33 @@ class EngineCore:
                 seen[r, :n] = [t in context for t in slots]
         return LogitAdjustments(ids, count, seen, bias, presence, frequency, repetition)
 
-    def _run_prefill(self, plan: Plan) -> tuple[SampleOutput, PromptScores | None]:
-        seq = plan.prefill
-        assert seq is not None
-        n = plan.prefill_tokens
-        width = self.grid.chunk_bucket(n)
-        tokens = np.zeros((1, width), np.int32)
-        slots = np.zeros((1, width), np.int32)  # padding writes go to page 0
-        chunk = range(seq.cached, seq.cached + n)
-        tokens[0, :n] = seq.tokens[seq.cached : seq.cached + n]
-        slots[0, :n] = [self._slot(seq, p) for p in chunk]
+    def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[SampleOutput, PromptScores | None]:
+        shape = self.grid.prefill_bucket(len(chunks), max(n for _, n in chunks))
+        assert shape is not None, "the scheduler plans only prefill steps the grid holds"
+        rows, width = shape
+        tokens = np.zeros((rows, width), np.int32)
+        slots = np.zeros((rows, width), np.int32)  # padding writes go to page 0
+        past_len = np.zeros(rows, np.int32)
+        logit_index = np.zeros((rows, 1), np.int32)
+        seqs = [seq for seq, _ in chunks]
+        for r, (seq, n) in enumerate(chunks):
+            tokens[r, :n] = seq.tokens[seq.cached : seq.cached + n]
+            slots[r, :n] = [self._slot(seq, p) for p in range(seq.cached, seq.cached + n)]
+            past_len[r] = seq.cached
+            logit_index[r, 0] = n - 1
         inputs = StepInputs(
             tokens=tokens,
-            past_len=np.array([seq.cached], np.int32),
+            past_len=past_len,
             slots=slots,
-            page_table=self._page_table([seq], 1),
-            logit_index=np.array([[n - 1]], np.int32),
-            sampling=self._sampling([seq], 1, [seq.cached + n]),
-            adjust=self._adjustments([seq], 1),
+            page_table=self._page_table(seqs, rows),
+            logit_index=logit_index,
+            sampling=self._sampling(seqs, rows, [seq.cached + n for seq, n in chunks]),
+            adjust=self._adjustments(seqs, rows),
         )
         out, hidden = self.runner.step(inputs)
+        seq, n = chunks[0]
         if seq.payload.params.prompt_logprobs is None:
-            return out, None
+            return out, None  # (a sequence that wants them is the step's only row)
         # Position p's logits score prompt token p + 1; the chunk's last position scores the first output
         # token instead, which is not part of the prompt.
         targets = np.zeros((1, width), np.int32)

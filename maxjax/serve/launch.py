@@ -139,6 +139,6 @@ def _progress(total: int):  # type: ignore[no-untyped-def]
     def tick(shape: tuple[int, int, int]) -> None:
         done[0] += 1
         if done[0] == total or done[0] % max(1, total // 10) == 0:
-            log.info("%d/%d graphs ready (last: batch %d, tokens %d, past pages %d)", done[0], total, *shape)
+            log.info("%d/%d graphs ready (last: %d rows x %d tokens, page table %d)", done[0], total, *shape)
 
     return tick

@@ -13,15 +13,18 @@ are registered; a later request whose prompt starts with the same pages shares t
 ever written into a full prompt page again) and prefills only the rest. The page holding a prompt's last
 token is never shared, so every prompt runs at least one token of prefill and gets its own logits.
 
-Each engine iteration asks for one `Plan`: at most one prefill chunk (of the oldest sequence still reading its
-prompt) and one decode step for every sequence that has its prompt cached. Chunking the prompt keeps a long
-prompt from stalling the running decodes.
+Each engine iteration asks for one `Plan`: one prefill step and one decode step for every sequence that has
+its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
+prompts, as many as `prefill_fits` allows in one step (requests that arrive together are prefilled together);
+a sequence that needs prompt logprobs is prefilled alone. Chunking the prompt keeps a long prompt from
+stalling the running decodes.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,7 +137,7 @@ class Sequence:
     hashes: list[PageHash] | None = None
     """Chained hashes of the shareable prompt pages, computed once."""
     reuse_prefix: bool = True
-    """False when every prompt position must be computed (prompt logprobs)."""
+    """False when every prompt position must be computed (prompt logprobs); such a sequence is prefilled alone."""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -150,21 +153,22 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Plan:
-    prefill: Sequence | None
-    """The sequence whose next prompt chunk runs this step."""
-    prefill_tokens: int
-    """How many prompt tokens that chunk covers."""
+    prefill: list[tuple[Sequence, int]]
+    """The sequences whose next prompt chunk runs this step, each with how many prompt tokens it covers."""
     decode: list[Sequence]
     """Sequences that decode one token this step."""
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_batch_size: int, max_length: int, chunk_size: int,
-                 max_queue: int = 1 << 30, prefix_caching: bool = True):
+                 max_queue: int = 1 << 30, prefix_caching: bool = True,
+                 prefill_fits: Callable[[int, int], bool] | None = None):
+        """`prefill_fits(rows, tokens)`: whether one prefill step can hold `rows` chunks, the longest `tokens`
+        long (the bucket grid decides); by default a prefill step holds one chunk."""
         self.pages = PageAllocator(num_pages)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
@@ -172,6 +176,7 @@ class Scheduler:
         self.chunk_size = chunk_size
         self.max_queue = max_queue
         self.prefix_caching = prefix_caching
+        self.prefill_fits = prefill_fits or (lambda rows, tokens: rows == 1)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
 
@@ -226,10 +231,19 @@ class Scheduler:
 
     def plan(self) -> Plan:
         self._admit()
-        prefill = next((s for s in self.running if s.in_prefill), None)
-        tokens = min(self.chunk_size, len(prefill.prompt) - prefill.cached) if prefill else 0
+        prefill: list[tuple[Sequence, int]] = []
+        longest = 0
+        for seq in self.running:
+            if not seq.in_prefill:
+                continue
+            n = min(self.chunk_size, len(seq.prompt) - seq.cached)
+            if prefill and (not seq.reuse_prefix or not prefill[0][0].reuse_prefix
+                            or not self.prefill_fits(len(prefill) + 1, max(longest, n))):
+                break  # oldest first: a later prompt does not overtake one that does not fit
+            prefill.append((seq, n))
+            longest = max(longest, n)
         decode = [s for s in self.running if not s.in_prefill]
-        return Plan(prefill=prefill, prefill_tokens=tokens, decode=decode)
+        return Plan(prefill=prefill, decode=decode)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence (done, cancelled or failed) and release its pages, wherever it is."""
