@@ -41,3 +41,10 @@ def test_every_planned_prefill_step_has_a_bucket() -> None:
     assert grid.prefill_bucket(1, 64) == (1, 64) and grid.prefill_bucket(3, 10) == (4, 16)
     assert grid.prefill_bucket(2, 32) == (2, 32)
     assert grid.prefill_bucket(3, 17) is None and grid.prefill_bucket(1, 65) is None
+
+
+def test_prefill_width_is_the_widest_bucket_the_rows_leave_room_for() -> None:
+    grid = BucketGrid(max_batch_size=32, prefill_chunk=512, max_pages=512)
+    assert [grid.prefill_width(r) for r in (1, 2, 3, 16, 17, 32, 33)] == [512, 256, 128, 32, 16, 16, 0]
+    for rows in range(1, 33):
+        assert grid.prefill_bucket(rows, grid.prefill_width(rows)) is not None

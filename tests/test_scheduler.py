@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from maxjax.graph.buckets import BucketGrid
 from maxjax.serve.scheduler import PageAllocator, Scheduler, Sequence
 
 
@@ -62,15 +63,14 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
     assert plans == [([("long", 16)], ["short"]), ([("long", 16)], ["short"]), ([("long", 8)], ["short"])]
 
 
-def grid_fits(rows: int, tokens: int) -> bool:
+def grid_width(rows: int) -> int:
     """The server's rule with a 64-token prefill step: rows x chunk (both rounded up) at most 64."""
-    bucket = lambda n, lo: max(lo, 1 << (n - 1).bit_length())  # noqa: E731
-    return rows == 1 or bucket(rows, 1) * bucket(tokens, 16) <= 64
+    return BucketGrid(max_batch_size=8, prefill_chunk=64, max_pages=16).prefill_width(rows)
 
 
 def test_prompts_that_arrive_together_are_prefilled_together() -> None:
     s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=128, chunk_size=64,
-                  prefill_fits=grid_fits)
+                  prefill_width=grid_width)
     for name, n in [("a", 10), ("b", 14), ("c", 5), ("d", 12), ("e", 3)]:
         s.add(seq(name, n, 4))
     plan = s.plan()
@@ -83,9 +83,24 @@ def test_prompts_that_arrive_together_are_prefilled_together() -> None:
     assert [q.request_id for q in plan.decode] == ["a", "b", "c", "d"]
 
 
+def test_prompts_that_do_not_fit_whole_are_cut_to_the_chunk_the_rows_allow() -> None:
+    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=128, chunk_size=64,
+                  prefill_width=grid_width)
+    for name in "abcd":
+        s.add(seq(name, 20, 4))
+    steps = []
+    for _ in range(2):
+        plan = s.plan()
+        steps.append([(q.request_id, n) for q, n in plan.prefill])
+        for q, n in plan.prefill:
+            q.cached += n
+    # 4 rows x 16 tokens (64) cover more than 2 x 20 (40) or 1 x 20: the last 4 tokens of each come next.
+    assert steps == [[(n, 16) for n in "abcd"], [(n, 4) for n in "abcd"]]
+
+
 def test_a_long_chunk_and_a_prompt_logprobs_request_prefill_alone() -> None:
     s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=256, chunk_size=64,
-                  prefill_fits=grid_fits)
+                  prefill_width=grid_width)
     s.add(seq("long", 80, 4))
     s.add(seq("short", 10, 4))
     logprobs = seq("logprobs", 10, 4)

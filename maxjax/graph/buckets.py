@@ -58,6 +58,15 @@ class BucketGrid:
         """(rows, 1, max_pages) for every decode step."""
         return [(b, 1, self.max_pages) for b in self.batch_sizes]
 
+    def prefill_width(self, rows: int) -> int:
+        """The longest chunk a prefill step of `rows` rows may give each row (0: no such step)."""
+        if rows == 1:
+            return self.prefill_chunk
+        if rows > self.max_batch_size:
+            return 0
+        fits = [t for t in self.chunk_sizes if self.batch_bucket(rows) * t <= self.prefill_chunk]
+        return fits[-1] if fits else 0
+
     def prefill_bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
         """The (rows, chunk) bucket of a prefill step of `rows` chunks, the longest `tokens` long; None when
         that is more than one prefill step may hold."""

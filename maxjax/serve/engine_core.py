@@ -93,7 +93,7 @@ class EngineCore:
         sched = Scheduler(
             num_pages=num_pages, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
             max_length=max_length, chunk_size=grid.prefill_chunk, max_queue=max_queue,
-            prefill_fits=lambda rows, tokens: grid.prefill_bucket(rows, tokens) is not None,
+            prefill_width=grid.prefill_width,
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
 

@@ -15,7 +15,7 @@ token is never shared, so every prompt runs at least one token of prefill and ge
 
 Each engine iteration asks for one `Plan`: one prefill step and one decode step for every sequence that has
 its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
-prompts, as many as `prefill_fits` allows in one step (requests that arrive together are prefilled together);
+prompts, as many rows as make it cover the most tokens (requests that arrive together are prefilled together);
 a sequence that needs prompt logprobs is prefilled alone. Chunking the prompt keeps a long prompt from
 stalling the running decodes.
 """
@@ -166,9 +166,9 @@ class Plan:
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_batch_size: int, max_length: int, chunk_size: int,
                  max_queue: int = 1 << 30, prefix_caching: bool = True,
-                 prefill_fits: Callable[[int, int], bool] | None = None):
-        """`prefill_fits(rows, tokens)`: whether one prefill step can hold `rows` chunks, the longest `tokens`
-        long (the bucket grid decides); by default a prefill step holds one chunk."""
+                 prefill_width: Callable[[int], int] | None = None):
+        """`prefill_width(rows)`: the longest chunk each row of a prefill step of `rows` rows may have (0: no such
+        step; the bucket grid decides); by default a prefill step holds one chunk of up to `chunk_size`."""
         self.pages = PageAllocator(num_pages)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
@@ -176,7 +176,7 @@ class Scheduler:
         self.chunk_size = chunk_size
         self.max_queue = max_queue
         self.prefix_caching = prefix_caching
-        self.prefill_fits = prefill_fits or (lambda rows, tokens: rows == 1)
+        self.prefill_width = prefill_width or (lambda rows: chunk_size if rows == 1 else 0)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
 
@@ -231,19 +231,25 @@ class Scheduler:
 
     def plan(self) -> Plan:
         self._admit()
-        prefill: list[tuple[Sequence, int]] = []
-        longest = 0
-        for seq in self.running:
-            if not seq.in_prefill:
-                continue
-            n = min(self.chunk_size, len(seq.prompt) - seq.cached)
-            if prefill and (not seq.reuse_prefix or not prefill[0][0].reuse_prefix
-                            or not self.prefill_fits(len(prefill) + 1, max(longest, n))):
-                break  # oldest first: a later prompt does not overtake one that does not fit
-            prefill.append((seq, n))
-            longest = max(longest, n)
+        prefill = self._plan_prefill([s for s in self.running if s.in_prefill])
         decode = [s for s in self.running if not s.in_prefill]
         return Plan(prefill=prefill, decode=decode)
+
+    def _plan_prefill(self, waiting: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """The oldest sequences still reading their prompts, as many as make the prefill step cover the most
+        prompt tokens: more rows mean shorter chunks each (rows x chunk is bounded), and a row whose prompt is
+        longer than its chunk goes on in a later step."""
+        best: list[tuple[Sequence, int]] = []
+        for rows in range(1, len(waiting) + 1):
+            if rows > 1 and not (waiting[0].reuse_prefix and waiting[rows - 1].reuse_prefix):
+                break  # prompt logprobs are computed for a step's only row
+            width = min(self.chunk_size, self.prefill_width(rows))
+            if width <= 0:
+                break
+            chunks = [(s, min(width, len(s.prompt) - s.cached)) for s in waiting[:rows]]
+            if sum(n for _, n in chunks) > sum(n for _, n in best):
+                best = chunks
+        return best
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence (done, cancelled or failed) and release its pages, wherever it is."""
