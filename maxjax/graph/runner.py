@@ -2,8 +2,9 @@
 pages, sampled tokens, logprobs)`, compiled once per bucket of the grid, and a thin `ModelRunner` around it.
 
 The runner never names a model: it sees a Flax NNX module with the call signature of
-`LlamaForCausalLM.__call__` and splits it once (`nnx.split`); the flat state is what the jitted core receives,
-as an argument (closing over the weights as constants triples compile time). The KV pools are donated to
+`LlamaForCausalLM.__call__` and splits it once (`nnx.split`); the state's leaves, as a flat list, are what the
+jitted core receives, as an argument (closing over the weights as constants triples compile time; flattening
+the NNX state on every call costs ~2 ms a step). The KV pools are donated to
 every step, so XLA updates them in place.
 """
 
@@ -80,9 +81,9 @@ class CacheSpec:
 
 
 def _step(
-    graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, inputs: StepInputs
+    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, inputs: StepInputs
 ) -> tuple[KVCache, SampleOutput, jax.Array]:
-    model: Any = nnx.merge(graphdef, state)
+    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
     raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
@@ -94,9 +95,10 @@ def _step(
     return cache, sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw), hidden
 
 
-def _score(graphdef: nnx.GraphDef, state: nnx.State, hidden: jax.Array, targets: jax.Array) -> PromptScores:
+def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
+           targets: jax.Array) -> PromptScores:
     """Logprobs of `targets` [1, T] (each position's next prompt token) from a prefill's hidden states."""
-    model: Any = nnx.merge(graphdef, state)
+    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     logits = model.logits(hidden)  # [1, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
@@ -166,6 +168,7 @@ class ModelRunner:
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.state = jax.device_put(state, self.device)
+        self._params, self._treedef = jax.tree.flatten(self.state)
         # The pools are zeroed on a thread of their own: on CPU that is seconds (11 GiB of first-touch page faults
         # for the default grid), which warm-up overlaps; `cache` waits for them.
         sharding = jax.sharding.SingleDeviceSharding(self.device)
@@ -176,9 +179,9 @@ class ModelRunner:
         self._allocation = pool.submit(cache_spec.allocate, self.device)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = (int(d) for d in model.embed.shape)  # type: ignore[attr-defined]
-        self._jitted = jax.jit(_step, static_argnums=0, donate_argnums=2)
+        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3)
         self._compiled: dict[tuple[int, int, int], Any] = {}
-        self._score = jax.jit(_score, static_argnums=0)
+        self._score = jax.jit(_score, static_argnums=(0, 1))
         self._compiled_score: dict[int, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
@@ -198,7 +201,8 @@ class ModelRunner:
         self._cache = value
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self.state, self._cache_avals, abstract_inputs(*shape))
+        return self._jitted.lower(self.graphdef, self._treedef, self._params, self._cache_avals,
+                                  abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
         """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
@@ -302,12 +306,13 @@ class ModelRunner:
         executable = self._compiled.get(shape)
         if executable is None:
             executable = self._executable(("step", shape))
-        self.cache, out, hidden = executable(self.state, self.cache, inputs)
+        self.cache, out, hidden = executable(self._params, self.cache, inputs)
         return out, hidden
 
     def _lower_score(self, width: int) -> Any:
         hidden = jax.ShapeDtypeStruct((1, width, self.hidden_size), self.cache_spec.dtype)
-        return self._score.lower(self.graphdef, self.state, hidden, jax.ShapeDtypeStruct((1, width), jnp.int32))
+        return self._score.lower(self.graphdef, self._treedef, self._params, hidden,
+                                 jax.ShapeDtypeStruct((1, width), jnp.int32))
 
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:
         """Prompt logprobs for one prefill chunk (`echo` with `logprobs`); compiled per chunk bucket."""
@@ -315,4 +320,4 @@ class ModelRunner:
         executable = self._compiled_score.get(width)
         if executable is None:
             executable = self._executable(("score", width))
-        return executable(self.state, hidden, targets)
+        return executable(self._params, hidden, targets)
