@@ -164,8 +164,8 @@ class KVCache(NamedTuple):
         return int(self.k.shape[-1])
 
 
-BLOCK_PAGES = 8
-"""Pages of each row's past one attention step visits at a time (128 tokens with 16-token pages).
+BLOCK_TOKENS = 128
+"""Tokens of each row's past one attention block visits (whole pages: at least one).
 
 The number of blocks is decided at run time from the longest past in the batch, so one executable serves
 every context length (the page table is always `max_pages` wide) and a step costs what its live context
@@ -183,7 +183,7 @@ def paged_attention(
     q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E].
 
     The cache is only read here: new keys and values are written for all layers at once after the step, so
-    the pool is never copied. The past is visited `BLOCK_PAGES` pages at a time, as many blocks as the
+    the pool is never copied. The past is visited `BLOCK_TOKENS` at a time, as many blocks as the
     longest past in the batch needs (a loop whose trip count is data, not shape), with an online softmax
     (running max, sum and output), so the gathered pages never exist all at once.
     """
@@ -215,8 +215,9 @@ def paged_attention(
 
     if batch.page_table.shape[1]:
         page_size = cache.page_size
-        block_len = BLOCK_PAGES * page_size
-        pad = -batch.page_table.shape[1] % BLOCK_PAGES
+        block_pages = max(1, BLOCK_TOKENS // page_size)
+        block_len = block_pages * page_size
+        pad = -batch.page_table.shape[1] % block_pages
         page_table = jnp.pad(batch.page_table, ((0, 0), (0, pad)))  # padding points at page 0, masked anyway
         # Each pool seen as rows of one page of one layer: a gather of whole rows is the cheapest XLA:CPU has.
         k_rows = cache.k.reshape(-1, k_heads * e * page_size)
@@ -225,11 +226,11 @@ def paged_attention(
 
         def visit(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             run_max, run_sum, out = carry
-            pages = jax.lax.dynamic_slice_in_dim(page_table, i * BLOCK_PAGES, BLOCK_PAGES, axis=1).reshape(-1)
+            pages = jax.lax.dynamic_slice_in_dim(page_table, i * block_pages, block_pages, axis=1).reshape(-1)
             k_blk = k_rows.at[first_row + pages].get(mode="promise_in_bounds")
-            k_blk = k_blk.reshape(b, BLOCK_PAGES, k_heads, e, page_size).transpose(0, 2, 3, 1, 4)
+            k_blk = k_blk.reshape(b, block_pages, k_heads, e, page_size).transpose(0, 2, 3, 1, 4)
             v_blk = v_rows.at[first_row + pages].get(mode="promise_in_bounds")
-            v_blk = v_blk.reshape(b, BLOCK_PAGES, k_heads, page_size, e).transpose(0, 2, 1, 3, 4)
+            v_blk = v_blk.reshape(b, block_pages, k_heads, page_size, e).transpose(0, 2, 1, 3, 4)
             k_blk = k_blk.reshape(b, k_heads, e, block_len)
             v_blk = v_blk.reshape(b, k_heads, block_len, e)
             key_pos = i * block_len + jnp.arange(block_len)
