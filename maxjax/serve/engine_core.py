@@ -113,6 +113,16 @@ class EngineCore:
         )
         return seq if self.scheduler.add(seq) else None
 
+    def first_run_next(self) -> bool:
+        """Give one executable of the grid that has never run its first run (see `ModelRunner.first_run`), smallest
+        first; False when every one has run. The engine calls this when it has nothing else to do."""
+        shapes = sorted(self.grid.all_shapes(), key=lambda s: (s[0] * s[1], s))
+        shape = next((s for s in shapes if not self.runner.has_run(s)), None)
+        if shape is None:
+            return False
+        self.runner.first_run(shape)
+        return True
+
     def cancel(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
 
