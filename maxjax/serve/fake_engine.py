@@ -78,6 +78,9 @@ class FakeEngine:
         self._report()
         return _FakeStream(self, request)
 
+    def stop(self) -> None:
+        """Nothing runs in the background."""
+
     def script(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str = "") -> list[int]:
         """The tokens a request would get, before any stopping rule (eos, stop ids, lengths) cuts them."""
         rng = self._rng(prompt_ids, params, request_id)

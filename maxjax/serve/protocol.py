@@ -83,6 +83,10 @@ class Engine(Protocol):
         """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full."""
         ...
 
+    def stop(self) -> None:
+        """Finish what the device is doing and stop; called once the HTTP server has shut down."""
+        ...
+
 
 class QueueFullError(Exception):
     """The engine's queue is full: the HTTP layer answers 429 with Retry-After."""

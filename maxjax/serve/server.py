@@ -80,6 +80,9 @@ async def _serve(
     logger.info("listening on %s; loading the model (GET /health answers 200 once it is ready)", url)
     threading.Thread(target=_load, args=(load, state, url), name="maxjax-load", daemon=True).start()
     await run(app, sock, stop)
+    if state.engine is not None:
+        # The engine thread must not be inside a device call when the interpreter exits (XLA aborts the process).
+        await asyncio.to_thread(state.engine.stop)
     return failures[0] if failures else None
 
 
