@@ -534,6 +534,9 @@ class Tok:
 class Engine:
     model_name, max_model_len = "m", 16
 
+    def stop(self):
+        pass
+
 def load(state):
     if sys.argv[2] == "fail":
         raise UserError("no such model: /nowhere (give a path or an HF id)")
