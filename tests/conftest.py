@@ -15,6 +15,8 @@ import pytest
 
 from maxjax.errors import UserError
 from maxjax.fetch import default_model_path
+from maxjax.hub import resolve_model
+from maxjax.pipeline import LoadedModel, load_model
 
 # safetensors dtype name for each NumPy dtype the test writers accept (ml_dtypes' bfloat16 included).
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
@@ -29,6 +31,12 @@ def smollm2_gguf() -> Path:
         return default_model_path(fetch=False)
     except UserError:
         return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def loaded(smollm2_gguf: Path) -> LoadedModel:
+    """The real model, loaded once for the tests that drive it in-process."""
+    return load_model(resolve_model(str(smollm2_gguf)), platform="cpu")
 
 
 @pytest.fixture

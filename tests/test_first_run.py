@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
-import pytest
 
 from maxjax.config import KVCacheConfig, SchedulerConfig
-from maxjax.hub import resolve_model
-from maxjax.pipeline import LoadedModel, load_model
+from maxjax.pipeline import LoadedModel
 from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.protocol import GenerationRequest, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def loaded(smollm2_gguf: Path) -> LoadedModel:
-    return load_model(resolve_model(str(smollm2_gguf)), platform="cpu")
 
 
 def _greedy(core: EngineCore, prompt: tuple[int, ...]) -> list[int]:

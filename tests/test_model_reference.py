@@ -15,19 +15,13 @@ import pytest
 
 from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.graph.runner import CacheSpec
-from maxjax.hub import resolve_model
-from maxjax.pipeline import LoadedModel, load_model
+from maxjax.pipeline import LoadedModel
 from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.protocol import GenerationRequest, SamplingParams
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "smollm2_reference.json").read_text())
 MARGIN_FLOOR = 0.01
 """A greedy token whose top-2 reference logits are closer than this may flip under other correct numerics."""
-
-
-@pytest.fixture(scope="module")
-def loaded(smollm2_gguf: Path) -> LoadedModel:
-    return load_model(resolve_model(str(smollm2_gguf)), platform="cpu")
 
 
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda c: f"{c['kind']}-{c['prompt_ids'][:3]}")

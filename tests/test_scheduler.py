@@ -17,12 +17,13 @@ def seq(name: str, prompt_len: int, new: int) -> Sequence:
     return Sequence(request_id=name, prompt=list(range(prompt_len)), max_new_tokens=new)
 
 
-def run_prefill(s: Scheduler) -> None:
-    """Pretend the device ran the planned prefill chunks."""
+def run_prefill(s: Scheduler) -> list[tuple[str, int]]:
+    """Pretend the device ran the planned prefill chunks; returns them as (request id, tokens)."""
     plan = s.plan()
     assert plan.prefill
     for q, n in plan.prefill:
         q.cached += n
+    return [(q.request_id, n) for q, n in plan.prefill]
 
 
 def test_allocator_hands_out_each_page_once() -> None:
@@ -63,44 +64,35 @@ def test_long_prompt_is_chunked_while_others_decode() -> None:
     assert plans == [([("long", 16)], ["short"]), ([("long", 16)], ["short"]), ([("long", 8)], ["short"])]
 
 
-def grid_width(rows: int) -> int:
-    """The server's rule with a 64-token prefill step: rows x chunk (both rounded up) at most 64."""
-    return BucketGrid(max_batch_size=8, prefill_chunk=64, max_pages=16).prefill_width(rows)
+def grid_scheduler(max_length: int = 128) -> Scheduler:
+    """Batch 8 and the server's prefill rule with a 64-token prefill step: rows x chunk (both rounded up) <= 64."""
+    grid = BucketGrid(max_batch_size=8, prefill_chunk=64, max_pages=max_length // 16)
+    return Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=max_length, chunk_size=64,
+                     prefill_width=grid.prefill_width)
 
 
 def test_prompts_that_arrive_together_are_prefilled_together() -> None:
-    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=128, chunk_size=64,
-                  prefill_width=grid_width)
+    s = grid_scheduler()
     for name, n in [("a", 10), ("b", 14), ("c", 5), ("d", 12), ("e", 3)]:
         s.add(seq(name, n, 4))
-    plan = s.plan()
     # 4 rows x 16 tokens fill the 64-token step; "e" waits for the next one.
-    assert [(q.request_id, n) for q, n in plan.prefill] == [("a", 10), ("b", 14), ("c", 5), ("d", 12)]
-    for q, n in plan.prefill:
-        q.cached += n
+    assert run_prefill(s) == [("a", 10), ("b", 14), ("c", 5), ("d", 12)]
     plan = s.plan()
     assert [(q.request_id, n) for q, n in plan.prefill] == [("e", 3)]
     assert [q.request_id for q in plan.decode] == ["a", "b", "c", "d"]
 
 
 def test_prompts_that_do_not_fit_whole_are_cut_to_the_chunk_the_rows_allow() -> None:
-    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=128, chunk_size=64,
-                  prefill_width=grid_width)
+    s = grid_scheduler()
     for name in "abcd":
         s.add(seq(name, 20, 4))
-    steps = []
-    for _ in range(2):
-        plan = s.plan()
-        steps.append([(q.request_id, n) for q, n in plan.prefill])
-        for q, n in plan.prefill:
-            q.cached += n
+    steps = [run_prefill(s), run_prefill(s)]
     # 4 rows x 16 tokens (64) cover more than 2 x 20 (40) or 1 x 20: the last 4 tokens of each come next.
     assert steps == [[(n, 16) for n in "abcd"], [(n, 4) for n in "abcd"]]
 
 
 def test_a_long_chunk_and_a_prompt_logprobs_request_prefill_alone() -> None:
-    s = Scheduler(num_pages=64, page_size=16, max_batch_size=8, max_length=256, chunk_size=64,
-                  prefill_width=grid_width)
+    s = grid_scheduler(max_length=256)
     s.add(seq("long", 80, 4))
     s.add(seq("short", 10, 4))
     logprobs = seq("logprobs", 10, 4)
@@ -109,10 +101,7 @@ def test_a_long_chunk_and_a_prompt_logprobs_request_prefill_alone() -> None:
     s.add(seq("last", 10, 4))
     steps = []
     while any(q.in_prefill for q in s.running + list(s.waiting)):
-        plan = s.plan()
-        steps.append([(q.request_id, n) for q, n in plan.prefill])
-        for q, n in plan.prefill:
-            q.cached += n
+        steps.append(run_prefill(s))
     assert steps == [[("long", 64)], [("long", 16), ("short", 10)], [("logprobs", 10)], [("last", 10)]]
 
 

@@ -70,15 +70,14 @@ class BucketGrid:
     def prefill_bucket(self, rows: int, tokens: int) -> tuple[int, int] | None:
         """The (rows, chunk) bucket of a prefill step of `rows` chunks, the longest `tokens` long; None when
         that is more than one prefill step may hold."""
-        if rows > self.max_batch_size or tokens > self.prefill_chunk:
+        if tokens > self.prefill_width(rows):
             return None
-        shape = self.batch_bucket(rows), self.chunk_bucket(tokens)
-        return shape if rows == 1 or shape[0] * shape[1] <= self.prefill_chunk else None
+        return self.batch_bucket(rows), self.chunk_bucket(tokens)
 
     def prefill_shapes(self) -> list[tuple[int, int, int]]:
         """(rows, chunk, max_pages) for every prefill step, with or without a cached past."""
         return [(b, t, self.max_pages) for t in self.chunk_sizes for b in self.batch_sizes
-                if b == 1 or b * t <= self.prefill_chunk]
+                if t <= self.prefill_width(b)]
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         return self.prefill_shapes() + self.decode_shapes()

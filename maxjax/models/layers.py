@@ -227,11 +227,11 @@ def paged_attention(
         def visit(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             run_max, run_sum, out = carry
             pages = jax.lax.dynamic_slice_in_dim(page_table, i * block_pages, block_pages, axis=1).reshape(-1)
-            k_blk = k_rows.at[first_row + pages].get(mode="promise_in_bounds")
+            k_blk = k_rows.at[first_row + pages].get(mode="promise_in_bounds")  # [B * bp, K * E * ps]
             k_blk = k_blk.reshape(b, block_pages, k_heads, e, page_size).transpose(0, 2, 3, 1, 4)
-            v_blk = v_rows.at[first_row + pages].get(mode="promise_in_bounds")
-            v_blk = v_blk.reshape(b, block_pages, k_heads, page_size, e).transpose(0, 2, 1, 3, 4)
             k_blk = k_blk.reshape(b, k_heads, e, block_len)
+            v_blk = v_rows.at[first_row + pages].get(mode="promise_in_bounds")  # [B * bp, K * ps * E]
+            v_blk = v_blk.reshape(b, block_pages, k_heads, page_size, e).transpose(0, 2, 1, 3, 4)
             v_blk = v_blk.reshape(b, k_heads, block_len, e)
             key_pos = i * block_len + jnp.arange(block_len)
             valid = jnp.broadcast_to((key_pos[None, :] < batch.past_len[:, None])[:, None, :], (b, m_rows, block_len))

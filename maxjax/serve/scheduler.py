@@ -240,6 +240,7 @@ class Scheduler:
         prompt tokens: more rows mean shorter chunks each (rows x chunk is bounded), and a row whose prompt is
         longer than its chunk goes on in a later step."""
         best: list[tuple[Sequence, int]] = []
+        best_tokens = 0
         for rows in range(1, len(waiting) + 1):
             if rows > 1 and not (waiting[0].reuse_prefix and waiting[rows - 1].reuse_prefix):
                 break  # prompt logprobs are computed for a step's only row
@@ -247,8 +248,9 @@ class Scheduler:
             if width <= 0:
                 break
             chunks = [(s, min(width, len(s.prompt) - s.cached)) for s in waiting[:rows]]
-            if sum(n for _, n in chunks) > sum(n for _, n in best):
-                best = chunks
+            tokens = sum(n for _, n in chunks)
+            if tokens > best_tokens:
+                best, best_tokens = chunks, tokens
         return best
 
     def finish(self, seq: Sequence) -> None:
