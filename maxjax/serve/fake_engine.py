@@ -109,10 +109,12 @@ class FakeEngine:
         logprob = -rng.uniform(0.01, 3.0)
         others = [t for t in self.pool if t != token]
         top = [(token, logprob)] + [(t, logprob - rng.uniform(0.1, 2.0) * (i + 1)) for i, t in enumerate(others[:k])]
+        top = top[:k]
         if self.nonfinite_logprobs and k:
+            # The last of the returned alternatives is always -inf; the token's own logprob is NaN half the time.
             top[-1] = (top[-1][0], -math.inf)
             logprob = math.nan if rng.random() < 0.5 else logprob
-        return TokenLogprob(token, logprob, tuple(top[:k]))
+        return TokenLogprob(token, logprob, tuple(top))
 
 
 class _FakeStream:
