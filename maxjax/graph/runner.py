@@ -35,7 +35,7 @@ from maxjax.graph.sampling import (
     adjust_logits,
     sample,
 )
-from maxjax.models.layers import KVCache, write_kv
+from maxjax.models.layers import KVCache, tracing_for, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,13 @@ class CacheSpec:
 
 
 def _step(
-    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, inputs: StepInputs
+    graphdef: nnx.GraphDef, treedef: Any, platform: str, params: list[jax.Array], cache: KVCache, inputs: StepInputs
 ) -> tuple[KVCache, SampleOutput, jax.Array]:
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
-    raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
+    with tracing_for(platform):
+        hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
+    with tracing_for(platform):
+        raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
     # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
     # An optimization barrier does not count as a dependency there; arithmetic does (nothing exceeds +inf,
@@ -95,11 +97,12 @@ def _step(
     return cache, sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw), hidden
 
 
-def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
+def _score(graphdef: nnx.GraphDef, treedef: Any, platform: str, params: list[jax.Array], hidden: jax.Array,
            targets: jax.Array) -> PromptScores:
     """Logprobs of `targets` [1, T] (each position's next prompt token) from a prefill's hidden states."""
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    logits = model.logits(hidden)  # [1, T, V]
+    with tracing_for(platform):
+        logits = model.logits(hidden)  # [1, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
     top, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
@@ -179,9 +182,9 @@ class ModelRunner:
         self._allocation = pool.submit(cache_spec.allocate, self.device)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = (int(d) for d in model.embed.shape)  # type: ignore[attr-defined]
-        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3)
+        self._jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
         self._compiled: dict[tuple[int, int, int], Any] = {}
-        self._score = jax.jit(_score, static_argnums=(0, 1))
+        self._score = jax.jit(_score, static_argnums=(0, 1, 2))
         self._compiled_score: dict[int, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
@@ -203,8 +206,8 @@ class ModelRunner:
         self._cache = value
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self._treedef, self._params, self._cache_avals,
-                                  abstract_inputs(*shape))
+        return self._jitted.lower(self.graphdef, self._treedef, self.device.platform, self._params,
+                                  self._cache_avals, abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
         """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
@@ -334,7 +337,7 @@ class ModelRunner:
 
     def _lower_score(self, width: int) -> Any:
         hidden = jax.ShapeDtypeStruct((1, width, self.hidden_size), self.cache_spec.dtype)
-        return self._score.lower(self.graphdef, self._treedef, self._params, hidden,
+        return self._score.lower(self.graphdef, self._treedef, self.device.platform, self._params, hidden,
                                  jax.ShapeDtypeStruct((1, width), jnp.int32))
 
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:
