@@ -3,9 +3,9 @@
 A step's shape is (rows, new tokens per row, page-table width). Decode steps have one new token per row and
 round the batch up to a power of two. Prefill steps hold one prompt chunk per row, the chunk rounded up to a
 power of two from 16, and as many rows as fit in `prefill_chunk` tokens (rows x chunk): requests that arrive
-together are prefilled together, reading the weights once instead of once per prompt. The page table is always `max_pages` wide: attention reads only as many blocks of it as the longest past
-in the batch needs (a run-time trip count), so context length adds no shapes and a step still costs what its
-live context costs. That keeps the grid to one executable per batch size and per (rows, chunk) pair of prefill.
+together are prefilled together, reading the weights once instead of once per prompt. The page table is
+always `max_pages` wide: attention reads only as many blocks of it as the longest past in the batch needs (a
+run-time trip count), so context length adds no shapes and a step still costs what its live context costs. That keeps the grid to one executable per batch size and per (rows, chunk) pair of prefill.
 """
 
 from __future__ import annotations

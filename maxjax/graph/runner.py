@@ -86,7 +86,6 @@ def _step(
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     with tracing_for(platform):
         hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
-    with tracing_for(platform):
         raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
     # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
