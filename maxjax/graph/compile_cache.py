@@ -340,12 +340,16 @@ def model_signature(model: nnx.Module, state: nnx.State) -> str:
 
 
 def code_digest(model: nnx.Module) -> str:
-    """A digest of the code that traces the graph: `maxjax/graph/*.py`, `maxjax/models/*.py` and the source file of
-    every module class in the model (an architecture defined outside maxjax included)."""
+    """A digest of the code that traces the graph: `maxjax/graph/*.py`, `maxjax/models/*.py`, the CPU kernels
+    (`maxjax/kernels/`, sources included) and the source file of every module class in the model (an
+    architecture defined outside maxjax included)."""
     import maxjax.graph
+    import maxjax.kernels
     import maxjax.models
 
-    files = {*Path(maxjax.graph.__file__).parent.glob("*.py"), *Path(maxjax.models.__file__).parent.glob("*.py")}
+    kernels = Path(maxjax.kernels.__file__).parent
+    files = {*Path(maxjax.graph.__file__).parent.glob("*.py"), *Path(maxjax.models.__file__).parent.glob("*.py"),
+             *kernels.glob("*.py"), *kernels.glob("*.cc")}
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Pytree) and not isinstance(node, nnx.Variable):
             source = inspect.getsourcefile(type(node))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxjax import kernels
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, compile_for_store
 from maxjax.graph.sampling import (
@@ -35,7 +36,7 @@ from maxjax.graph.sampling import (
     adjust_logits,
     sample,
 )
-from maxjax.models.layers import KVCache, tracing_for, write_kv
+from maxjax.models.layers import KVCache, pack_for_cpu_kernel, tracing_for, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,10 @@ class ModelRunner:
         self.device = device or jax.devices()[0]
         self.grid = grid
         self.cache_spec = cache_spec
+        self.kernels = kernels.load() if self.device.platform == "cpu" else None
+        if self.kernels is not None:
+            packed = pack_for_cpu_kernel(model, self.kernels.panel)
+            log.debug("packed %d projection weights for the CPU kernel", packed)
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.state = jax.device_put(state, self.device)

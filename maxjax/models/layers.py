@@ -20,7 +20,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from maxjax import kernels
 
 
 class RMSNorm(nnx.Module):
@@ -40,16 +43,18 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """`x @ kernel.T (+ bias)` with the kernel stored [out, in], as checkpoints ship it.
 
-    On XLA's CPU backend the [out, in] layout is the faster one for every row count (`project` says which
-    form each row count gets).
+    On CPU, when maxjax's projection kernel builds, the runner packs float32 kernels into panels
+    [ceil(out / P), in, P] for it (`pack_for_cpu_kernel`); otherwise `project` picks XLA's fastest form.
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype: jnp.dtype = jnp.float32):
         self.kernel = nnx.Param(jnp.zeros((d_out, d_in), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        self.d_out = d_out
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = project(x, self.kernel[...])
+        w = self.kernel[...]
+        y = kernels.project(x, w, self.d_out) if w.ndim == 3 else project(x, w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -88,6 +93,19 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
         flat = x.reshape(rows, 1, -1)
         return jnp.sum(w[None, :, :] * flat, axis=-1).reshape(*x.shape[:-1], w.shape[0])
     return x @ w.T
+
+
+def pack_for_cpu_kernel(model: nnx.Module, panel: int) -> int:
+    """Pack every float32 `Linear` kernel of `model` in place into the CPU kernel's panels (already packed ones
+    are left as they are); returns how many were packed. In place, so the weights are never held twice."""
+    packed = 0
+    for _, node in nnx.iter_graph(model):
+        w = node.kernel[...] if isinstance(node, Linear) else None
+        if w is not None and w.ndim == 2 and w.dtype == jnp.float32:
+            packed_w = kernels.pack(np.asarray(w), panel)
+            node.kernel.set_value(jax.device_put(packed_w, w.sharding) if isinstance(w, jax.Array) else packed_w)
+            packed += 1
+    return packed
 
 
 class GatedMLP(nnx.Module):

@@ -1,0 +1,151 @@
+"""CPU kernels XLA lacks, as XLA FFI custom calls: today one, `maxjax_project` (project.cc), the projection of
+a decode step's few rows against float32 weights packed into panels.
+
+The C++ source is built at first use with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
+headers jaxlib ships, for this CPU (`-march=native`), into the maxjax cache under a name that hashes the source,
+jaxlib's version, the compiler and the CPU; later processes load that file. Where no compiler is found or the
+build fails, `load()` says why once and returns None, and the models keep XLA's own forms
+(`models.layers.project`): the kernel is a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maxjax.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("project.cc")
+TARGET = "maxjax_project"
+"""The custom-call name the graphs use (registered for the CPU platform)."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loaded library: what the graphs and the packer need to know of it."""
+
+    path: Path
+    panel: int
+    """Output columns per packed panel (16 for AVX2, 32 for AVX-512)."""
+    digest: str
+    """Hash of what the build depends on; part of every compiled executable's cache key."""
+
+
+_lock = threading.Lock()
+_loaded: dict[Path, Kernels | None] = {}
+
+
+def load() -> Kernels | None:
+    """The CPU kernels, built if needed and registered with JAX; None (with one warning) where they cannot be."""
+    directory = cache_dir() / "kernels"
+    with _lock:
+        if directory not in _loaded:
+            try:
+                _loaded[directory] = _build_and_register(directory)
+            except _Unavailable as e:
+                log.warning("maxjax: CPU projection kernel unavailable (%s); using XLA's matmul forms", e)
+                _loaded[directory] = None
+        return _loaded[directory]
+
+
+class _Unavailable(Exception):
+    pass
+
+
+_registered: Kernels | None = None
+
+
+def _build_and_register(directory: Path) -> Kernels:
+    global _registered
+    import jax
+    import jaxlib
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not compiler:
+        raise _Unavailable("no C++ compiler on PATH")
+    source = SOURCE.read_bytes()
+    identity = hashlib.sha256()
+    for part in (source, jaxlib.__version__.encode(), _compiler_version(compiler).encode(), _cpu_flags().encode()):
+        identity.update(part + b"\0")
+    digest = identity.hexdigest()[:20]
+    library = directory / f"project-{digest}.so"
+    if not library.exists():
+        _build(compiler, library, Path(jax.ffi.include_dir()))
+    try:
+        lib = ctypes.CDLL(str(library))
+        panel = int(lib.maxjax_panel_width())
+    except (OSError, AttributeError) as e:
+        raise _Unavailable(f"cannot load {library}: {e}") from e
+    kernels = Kernels(library, panel, digest)
+    if _registered is None:
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
+        _registered = kernels
+    elif _registered.digest != digest:  # one name, one handler a process: a second build cannot replace it
+        raise _Unavailable(f"another build of {TARGET} is already registered")
+    return kernels
+
+
+def _build(compiler: str, library: Path, include: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    log.info("maxjax: building the CPU projection kernel (once per machine) into %s", library)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        partial = Path(tmp) / library.name
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+                   f"-I{include}", str(SOURCE), "-o", str(partial)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise _Unavailable(f"{compiler} failed: {e}") from e
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise _Unavailable(f"{compiler} exited {result.returncode}: {last}")
+        os.replace(partial, library)  # atomic: a process building beside this one loads a whole file
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise _Unavailable(f"{compiler} --version failed: {e}") from e
+
+
+def _cpu_flags() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    keep = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in info.splitlines() if line.split(":")[0].strip() in keep}))
+
+
+def pack(w: np.ndarray, panel: int) -> np.ndarray:
+    """[out, in] -> [ceil(out / panel), in, panel]: w_packed[p, i, j] = w[p * panel + j, i], zero-padded."""
+    out, d_in = w.shape
+    panels = -(-out // panel)
+    padded = np.zeros((panels * panel, d_in), w.dtype)
+    padded[:out] = w
+    return np.ascontiguousarray(padded.reshape(panels, panel, d_in).transpose(0, 2, 1))
+
+
+def project(x: Any, w: Any, out: int) -> Any:
+    """x [..., in] times a packed w [panels, in, P] -> [..., out], as the custom call (traced into the graph)."""
+    import jax
+
+    result = jax.ShapeDtypeStruct((*x.shape[:-1], out), x.dtype)
+    return jax.ffi.ffi_call(TARGET, result)(x, w)

@@ -1,0 +1,79 @@
+"""The CPU projection kernel (maxjax/kernels): built with the machine's compiler, packed weights, exact sums,
+and XLA's forms when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from maxjax import kernels
+from maxjax.models.layers import Linear, pack_for_cpu_kernel
+
+
+@pytest.fixture(scope="module")
+def built() -> kernels.Kernels:
+    k = kernels.load()
+    assert k is not None, "the test machine has a C++ compiler: the kernel must build"
+    return k
+
+
+def test_pack_layout() -> None:
+    w = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)  # [out 7, in 3]
+    packed = kernels.pack(w, 4)
+    assert packed.shape == (2, 3, 4)
+    for o in range(8):
+        for i in range(3):
+            assert packed[o // 4, i, o % 4] == (w[o, i] if o < 7 else 0.0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 32, 70])
+@pytest.mark.parametrize(("d_out", "d_in"), [(960, 576), (7, 13), (33, 1536)])
+def test_projection_matches_float64(built: kernels.Kernels, rows: int, d_out: int, d_in: int) -> None:
+    rng = np.random.default_rng(rows * 1000 + d_out)
+    x = rng.standard_normal((rows, d_in)).astype(np.float32)
+    w = rng.standard_normal((d_out, d_in)).astype(np.float32)
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
+    y = np.asarray(jax.jit(kernels.project, static_argnums=2)(x, kernels.pack(w, built.panel), d_out))
+    assert y.shape == (rows, d_out)
+    # float32 sums of d_in products: error grows like sqrt(d_in) * eps * |terms|
+    assert np.abs(y - expected).max() <= 1e-5 * np.sqrt(d_in) * np.abs(x).max() * np.abs(w).max() * 4
+
+
+def test_leading_axes_and_linear(built: kernels.Kernels) -> None:
+    """A [B, T, in] input (prefill) through a packed `Linear` with bias equals the unpacked one."""
+    layer = Linear(24, 40, bias=True)
+    rng = np.random.default_rng(0)
+    layer.kernel.set_value(jnp.asarray(rng.standard_normal((40, 24)), jnp.float32))
+    layer.bias.set_value(jnp.asarray(rng.standard_normal(40), jnp.float32))  # type: ignore[union-attr]
+    x = jnp.asarray(rng.standard_normal((3, 5, 24)), jnp.float32)
+    expected = np.asarray(layer(x))
+    assert pack_for_cpu_kernel(layer, built.panel) == 1
+    assert layer.kernel[...].shape == (-(-40 // built.panel), 24, built.panel)
+    assert pack_for_cpu_kernel(layer, built.panel) == 0  # already packed: left alone
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(layer, x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_calls_the_kernel(built: kernels.Kernels) -> None:
+    layer = Linear(16, 32)
+    pack_for_cpu_kernel(layer, built.panel)
+    text = nnx.jit(lambda m, x: m(x)).lower(layer, jnp.ones((8, 16))).as_text()
+    assert kernels.TARGET in text
+
+
+def test_no_compiler_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    """A failed build is one warning and None (the models keep XLA's forms), never an error."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with caplog.at_level(logging.WARNING, logger="maxjax.kernels"):
+        assert kernels.load() is None
+        assert kernels.load() is None  # decided once per cache directory
+    warnings = [r for r in caplog.records if "kernel unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "/bin/false" in warnings[0].getMessage()
+    assert not list((tmp_path / "maxjax" / "kernels").glob("*.so"))
