@@ -1,5 +1,5 @@
-"""The CPU projection kernel (maxjax/kernels): built with the machine's compiler, packed weights, exact sums,
-and XLA's forms when it cannot be built."""
+"""The CPU kernels (maxjax/kernels): built with the machine's compiler; packed projections with exact sums,
+attention read from the pool as XLA's gathered blocks compute it, and XLA's forms when they cannot be built."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import pytest
 from flax import nnx
 
 from maxjax import kernels
-from maxjax.models.layers import Linear, pack_for_cpu_kernel
+from maxjax.models.layers import (
+    AttentionBatch,
+    KVCache,
+    Linear,
+    pack_for_cpu_kernel,
+    paged_attention,
+    tracing_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,40 @@ def test_no_compiler_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     with caplog.at_level(logging.WARNING, logger="maxjax.kernels"):
         assert kernels.load() is None
         assert kernels.load() is None  # decided once per cache directory
-    warnings = [r for r in caplog.records if "kernel unavailable" in r.getMessage()]
+    warnings = [r for r in caplog.records if "kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "/bin/false" in warnings[0].getMessage()
     assert not list((tmp_path / "maxjax" / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize(("t", "window", "softcap"), [(1, None, None), (1, 20, None), (4, None, 30.0), (3, 7, None)])
+def test_paged_attention_kernel_matches_xla(built: kernels.Kernels, t: int, window: int | None,
+                                             softcap: float | None) -> None:
+    """The pool read in place by `maxjax_paged_past` gives the attention XLA's gathered blocks give: GQA,
+    rows with pasts of 0 to 300 tokens (several pages, a partial last one), windows and softcaps."""
+    rng = np.random.default_rng(t * 100 + (window or 0))
+    layers, pages, k_heads, g, e, page = 2, 64, 2, 3, 16, 8
+    past = np.array([0, 5, 8, 131, 300], np.int32)
+    b, width = len(past), 48
+    table = np.zeros((b, width), np.int32)
+    free = iter(rng.permutation(np.arange(1, pages)))
+    for row, n in enumerate(past):
+        for j in range(-(-(n + t) // page)):
+            table[row, j] = next(free)
+    cache = KVCache(jnp.asarray(rng.standard_normal((layers, pages, k_heads, e, page)), jnp.float32),
+                    jnp.asarray(rng.standard_normal((layers, pages, k_heads, page, e)), jnp.float32))
+    q = jnp.asarray(rng.standard_normal((b, t, k_heads * g, e)), jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((b, t, k_heads, e)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((b, t, k_heads, e)), jnp.float32)
+    zeros = jnp.zeros((b, t, e // 2), jnp.float32)
+    batch = AttentionBatch(jnp.asarray(table), jnp.asarray(past), zeros, zeros)
+
+    def attend(cpu_kernels: bool) -> np.ndarray:
+        def f(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, batch: AttentionBatch) -> jax.Array:
+            with tracing_for("cpu", cpu_kernels):
+                return paged_attention(q, k_new, v_new, cache, 1, batch, scale=0.3, sliding_window=window,
+                                       softcap=softcap)
+        lowered = jax.jit(f).lower(q, k_new, v_new, cache, batch)
+        assert (kernels.ATTENTION_TARGET in lowered.as_text()) == cpu_kernels
+        return np.asarray(lowered.compile()(q, k_new, v_new, cache, batch))
+
+    np.testing.assert_allclose(attend(True), attend(False), rtol=2e-5, atol=2e-5)

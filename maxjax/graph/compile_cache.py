@@ -369,16 +369,6 @@ def _flax_version() -> str:
 
 def _host_cpu() -> str:
     """The CPU model and feature flags: an executable compiled for one CPU's instruction set may crash another."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
+    from maxjax.kernels import host_cpu
 
-        return platform.processor() or platform.machine()
-    fields = {}
-    for line in info.splitlines():
-        name, _, value = line.partition(":")
-        name = name.strip()
-        if name in ("model name", "flags", "Features", "CPU part") and name not in fields:
-            fields[name] = value.strip()
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(host_cpu().encode()).hexdigest()[:16]

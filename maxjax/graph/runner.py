@@ -41,6 +41,14 @@ from maxjax.models.layers import KVCache, pack_for_cpu_kernel, tracing_for, writ
 log = logging.getLogger(__name__)
 
 
+class Target(NamedTuple):
+    """What a graph is traced for (a static argument of the jitted cores): the device's platform, and whether
+    maxjax's CPU kernels (maxjax/kernels) are loaded."""
+
+    platform: str
+    cpu_kernels: bool
+
+
 class StepInputs(NamedTuple):
     """One step's batch, padded to a bucket. Rows past the live ones are padding (n_new = 0)."""
 
@@ -82,10 +90,10 @@ class CacheSpec:
 
 
 def _step(
-    graphdef: nnx.GraphDef, treedef: Any, platform: str, params: list[jax.Array], cache: KVCache, inputs: StepInputs
+    graphdef: nnx.GraphDef, treedef: Any, target: Target, params: list[jax.Array], cache: KVCache, inputs: StepInputs
 ) -> tuple[KVCache, SampleOutput, jax.Array]:
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    with tracing_for(platform):
+    with tracing_for(*target):
         hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
         raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
@@ -97,11 +105,11 @@ def _step(
     return cache, sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw), hidden
 
 
-def _score(graphdef: nnx.GraphDef, treedef: Any, platform: str, params: list[jax.Array], hidden: jax.Array,
+def _score(graphdef: nnx.GraphDef, treedef: Any, target: Target, params: list[jax.Array], hidden: jax.Array,
            targets: jax.Array) -> PromptScores:
     """Logprobs of `targets` [1, T] (each position's next prompt token) from a prefill's hidden states."""
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    with tracing_for(platform):
+    with tracing_for(*target):
         logits = model.logits(hidden)  # [1, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
@@ -169,6 +177,7 @@ class ModelRunner:
         self.grid = grid
         self.cache_spec = cache_spec
         self.kernels = kernels.load() if self.device.platform == "cpu" else None
+        self.target = Target(self.device.platform, self.kernels is not None)
         if self.kernels is not None:
             packed = pack_for_cpu_kernel(model, self.kernels.panel)
             log.debug("packed %d projection weights for the CPU kernel", packed)
@@ -210,7 +219,7 @@ class ModelRunner:
         self._cache = value
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self._treedef, self.device.platform, self._params,
+        return self._jitted.lower(self.graphdef, self._treedef, self.target, self._params,
                                   self._cache_avals, abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
@@ -341,7 +350,7 @@ class ModelRunner:
 
     def _lower_score(self, width: int) -> Any:
         hidden = jax.ShapeDtypeStruct((1, width, self.hidden_size), self.cache_spec.dtype)
-        return self._score.lower(self.graphdef, self._treedef, self.device.platform, self._params, hidden,
+        return self._score.lower(self.graphdef, self._treedef, self.target, self._params, hidden,
                                  jax.ShapeDtypeStruct((1, width), jnp.int32))
 
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:

@@ -1,7 +1,8 @@
-"""CPU kernels XLA lacks, as XLA FFI custom calls: today one, `maxjax_project` (project.cc), the projection of
-a decode step's few rows against float32 weights packed into panels.
+"""CPU kernels XLA lacks, as XLA FFI custom calls: `maxjax_project` (project.cc), the projection of a step's
+rows against float32 weights packed into panels, and `maxjax_paged_past` (attention.cc), attention over the
+cached past read straight from the paged KV pool.
 
-The C++ source is built at first use with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
+The C++ sources are built at first use with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
 headers jaxlib ships, for this CPU (`-march=native`), into the maxjax cache under a name that hashes the source,
 jaxlib's version, the compiler and the CPU; later processes load that file. Where no compiler is found or the
 build fails, `load()` says why once and returns None, and the models keep XLA's own forms
@@ -28,9 +29,10 @@ from maxjax.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("project.cc")
+SOURCES = (Path(__file__).with_name("project.cc"), Path(__file__).with_name("attention.cc"))
 TARGET = "maxjax_project"
-"""The custom-call name the graphs use (registered for the CPU platform)."""
+ATTENTION_TARGET = "maxjax_paged_past"
+"""The custom-call names the graphs use (registered for the CPU platform)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def load() -> Kernels | None:
             try:
                 _loaded[directory] = _build_and_register(directory)
             except _Unavailable as e:
-                log.warning("maxjax: CPU projection kernel unavailable (%s); using XLA's matmul forms", e)
+                log.warning("maxjax: CPU kernels unavailable (%s); using XLA's own forms", e)
                 _loaded[directory] = None
         return _loaded[directory]
 
@@ -76,12 +78,13 @@ def _build_and_register(directory: Path) -> Kernels:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise _Unavailable("no C++ compiler on PATH")
-    source = SOURCE.read_bytes()
     identity = hashlib.sha256()
-    for part in (source, jaxlib.__version__.encode(), _compiler_version(compiler).encode(), _cpu_flags().encode()):
+    parts = [source.read_bytes() for source in SOURCES]
+    parts += [part.encode() for part in (jaxlib.__version__, _compiler_version(compiler), host_cpu())]
+    for part in parts:
         identity.update(part + b"\0")
     digest = identity.hexdigest()[:20]
-    library = directory / f"project-{digest}.so"
+    library = directory / f"maxjax-kernels-{digest}.so"
     if not library.exists():
         _build(compiler, library, Path(jax.ffi.include_dir()))
     try:
@@ -92,19 +95,20 @@ def _build_and_register(directory: Path) -> Kernels:
     kernels = Kernels(library, panel, digest)
     if _registered is None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
         _registered = kernels
     elif _registered.digest != digest:  # one name, one handler a process: a second build cannot replace it
-        raise _Unavailable(f"another build of {TARGET} is already registered")
+        raise _Unavailable(f"another build of {TARGET} and {ATTENTION_TARGET} is already registered")
     return kernels
 
 
 def _build(compiler: str, library: Path, include: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
-    log.info("maxjax: building the CPU projection kernel (once per machine) into %s", library)
+    log.info("maxjax: building the CPU kernels (once per machine) into %s", library)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         partial = Path(tmp) / library.name
         command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                   f"-I{include}", str(SOURCE), "-o", str(partial)]
+                   f"-I{include}", *(str(source) for source in SOURCES), "-o", str(partial)]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -122,8 +126,8 @@ def _compiler_version(compiler: str) -> str:
         raise _Unavailable(f"{compiler} --version failed: {e}") from e
 
 
-def _cpu_flags() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
+def host_cpu() -> str:
+    """The CPU's model and feature flags (what `-march=native` and XLA's own code generation depend on)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -131,7 +135,7 @@ def _cpu_flags() -> str:
 
         return platform.processor() or platform.machine()
     keep = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in info.splitlines() if line.split(":")[0].strip() in keep}))
+    return "\n".join(sorted({line.strip() for line in info.splitlines() if line.split(":")[0].strip() in keep}))
 
 
 def pack(w: np.ndarray, panel: int) -> np.ndarray:
@@ -149,3 +153,18 @@ def project(x: Any, w: Any, out: int) -> Any:
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), x.dtype)
     return jax.ffi.ffi_call(TARGET, result)(x, w)
+
+
+def paged_past(q: Any, k_pool: Any, v_pool: Any, page_table: Any, past_len: Any, query_pos: Any,
+               run_max: Any, run_sum: Any, out: Any, *, layer: int, window: int | None,
+               softcap: float | None) -> tuple[Any, Any, Any]:
+    """Continue an online softmax over each row's cached past, read from the pool in place (attention.cc has
+    the layouts): q [B, K, M, E] scaled queries; run_max, run_sum [B, K, M]; out [B, K, M, E]."""
+    import jax
+    import numpy as np
+
+    shapes = [jax.ShapeDtypeStruct(a.shape, np.float32) for a in (run_max, run_sum, out)]
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, shapes)
+    result = call(q, k_pool, v_pool, page_table, past_len, query_pos, run_max, run_sum, out,
+                  layer=np.int64(layer), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0))
+    return result[0], result[1], result[2]

@@ -61,8 +61,8 @@ void tile(const float* x, const float* wp, float* y, int64_t n_in, int64_t n_out
     for (int v = 0; v < kNV; ++v) wv[v] = load(row + v * kLanes);
     __builtin_prefetch(row + kPrefetchFloats, 0, 3);
     for (int r = 0; r < R; ++r) {
-      Vec xb = Vec{} + x[r * n_in + i];
-      for (int v = 0; v < kNV; ++v) acc[r][v] += wv[v] * xb;
+      const float xs = x[r * n_in + i];  // vector * scalar broadcasts it (`Vec{} + xs` would add a real 0.0)
+      for (int v = 0; v < kNV; ++v) acc[r][v] += wv[v] * xs;
     }
   }
   for (int r = 0; r < R; ++r) {

@@ -64,18 +64,21 @@ REDUCE_MAX_ROWS = 16
 """Up to this many rows, a projection on CPU is a multiply-and-sum (see `project`)."""
 
 _cpu_forms: contextvars.ContextVar[bool] = contextvars.ContextVar("maxjax_cpu_forms", default=False)
+_cpu_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("maxjax_cpu_kernels", default=False)
 
 
 @contextlib.contextmanager
-def tracing_for(platform: str) -> Iterator[None]:
+def tracing_for(platform: str, cpu_kernels: bool = False) -> Iterator[None]:
     """Trace the model for `platform` ("cpu", "gpu", "tpu"), so that `project` picks the form that platform
-    runs fastest. Enter it inside the jitted function, with the platform one of its static arguments: jit's
+    runs fastest, and with `cpu_kernels` (maxjax/kernels, loaded) so that attention reads the pool through
+    maxjax's own kernel. Enter it inside the jitted function, with both among its static arguments: jit's
     trace cache does not see a context variable (the step runner's `_step` does this)."""
-    token = _cpu_forms.set(platform == "cpu")
+    tokens = _cpu_forms.set(platform == "cpu"), _cpu_kernels.set(platform == "cpu" and cpu_kernels)
     try:
         yield
     finally:
-        _cpu_forms.reset(token)
+        _cpu_kernels.reset(tokens[1])
+        _cpu_forms.reset(tokens[0])
 
 
 def project(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -261,7 +264,13 @@ def paged_attention(
     run_sum = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkmu,buke->bkme", p.astype(v_new.dtype), v_new).astype(jnp.float32)
 
-    if batch.page_table.shape[1]:
+    if batch.page_table.shape[1] and _cpu_kernels.get() and cache.k.dtype == qg.dtype == jnp.float32:
+        run_max, run_sum, out = kernels.paged_past(
+            qg, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32),
+            run_max[..., 0], run_sum[..., 0], out, layer=layer, window=sliding_window, softcap=softcap,
+        )
+        run_max, run_sum = run_max[..., None], run_sum[..., None]
+    elif batch.page_table.shape[1]:
         page_size = cache.page_size
         block_pages = max(1, BLOCK_TOKENS // page_size)
         block_len = block_pages * page_size
