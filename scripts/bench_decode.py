@@ -1,6 +1,7 @@
 """Time the decode step the server runs (the same compiled graph, sampling included) at several batch sizes.
 
     .venv/bin/python scripts/bench_decode.py [--model PATH] [--batch 1 8 32] [--context 256] [--runs 5]
+                                             [--xla-attention]
 
 Each row attends `--context` cached tokens; row 0 samples with temperature 0.8 and top-p 0.9, the rest are
 greedy. Prints the median step time over `--runs` runs of `--steps` steps (each step waits for its tokens,
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=8192,
                         help="the server's --max-length: it sets the page-table width (default: the server's)")
+    parser.add_argument("--xla-attention", action="store_true",
+                        help="trace attention over the past with XLA's gathers instead of maxjax's CPU kernel "
+                             "(the projection kernel stays), to compare the two")
     args = parser.parse_args()
 
     loaded = load_model(resolve_model(args.model))
@@ -98,8 +102,11 @@ def main() -> None:
     spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
                      loaded.dtype)
     runner = ModelRunner(loaded.model, spec, grid)
+    if args.xla_attention:
+        runner.target = runner.target._replace(cpu_kernels=False)
     print(f"device {jax.devices()[0]}, dtype {jnp.dtype(loaded.dtype).name}, context {args.context} tokens, "
-          f"page size {args.page_size}")
+          f"page size {args.page_size}, CPU kernels: {runner.kernels.path.name if runner.kernels else 'none'}"
+          f"{' (attention: XLA)' if args.xla_attention else ''}")
     for rows in args.batch:
         bucket = grid.batch_bucket(rows)
         pages = grid.max_pages

@@ -118,3 +118,9 @@ def test_paged_attention_kernel_matches_xla(built: kernels.Kernels, t: int, wind
         return np.asarray(lowered.compile()(q, k_new, v_new, cache, batch))
 
     np.testing.assert_allclose(attend(True), attend(False), rtol=2e-5, atol=2e-5)
+
+
+def test_unwritable_cache_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "maxjax").write_text("a file where the cache directory should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.load() is None

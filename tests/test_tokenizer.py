@@ -6,7 +6,6 @@ and the errors a bad file gives."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,6 @@ from maxjax.weights.gguf import read_metadata
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _smollm2_gguf() -> Path:
-    # TODO(lead): switch to the conftest fixture smollm2_gguf
-    return Path(os.environ.get("MAXJAX_TEST_GGUF", "/tmp/wheel/SmolLM2-135M-Instruct.Q4_1.gguf"))
-
-
 REFERENCE = json.loads((FIXTURES / "smollm2_reference.json").read_text(encoding="utf-8"))
 EXPECTED = json.loads((FIXTURES / "tokenizer_expected.json").read_text(encoding="utf-8"))
 
@@ -38,11 +32,8 @@ SMOLLM2_KNOWN_DIFFERENCES = {"ℝ² ∑ ≠ ½ ﬁ ｆｕｌｌ": ((3351, 138), 
 
 
 @pytest.fixture(scope="module")
-def smollm2_metadata() -> dict[str, Any]:
-    path = _smollm2_gguf()
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set MAXJAX_TEST_GGUF)")
-    return read_metadata(path)
+def smollm2_metadata(smollm2_gguf: Path) -> dict[str, Any]:
+    return read_metadata(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

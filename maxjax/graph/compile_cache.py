@@ -204,6 +204,10 @@ class ExecutableStore:
             return None
         from jax.experimental.serialize_executable import deserialize_and_load
 
+        if self.device.platform == "cpu":
+            from maxjax import kernels
+
+            kernels.load()  # an executable that calls maxjax's CPU kernels needs them registered before it loads
         try:
             serialized, in_tree, out_tree = pickle.loads(payload)
             compiled = deserialize_and_load(serialized, in_tree, out_tree, backend=self.device.client,

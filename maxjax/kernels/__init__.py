@@ -86,7 +86,10 @@ def _build_and_register(directory: Path) -> Kernels:
     digest = identity.hexdigest()[:20]
     library = directory / f"maxjax-kernels-{digest}.so"
     if not library.exists():
-        _build(compiler, library, Path(jax.ffi.include_dir()))
+        try:
+            _build(compiler, library, Path(jax.ffi.include_dir()))
+        except OSError as e:  # an unwritable cache, a full disk
+            raise _Unavailable(f"cannot build into {library.parent}: {e}") from e
     try:
         lib = ctypes.CDLL(str(library))
         panel = int(lib.maxjax_panel_width())
