@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from maxjax import kernels
 from maxjax.errors import UserError
 from maxjax.graph.runner import CacheSpec
 from maxjax.hub import resolve_model
 from maxjax.models.config import TransformerConfig
-from maxjax.models.layers import write_kv
+from maxjax.models.layers import KVCache, pack_for_cpu_kernel, tracing_for, write_kv
 from maxjax.pipeline import LoadedModel, load_model
 from maxjax.registry import Registry, default_registry
 from tests.gguf_writer import Q, write_gguf
@@ -49,20 +52,28 @@ def reference(family: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> np.ndarray:
     """Logits [T, V] at every position: `chunks` prefilled, then the rest decoded one token at a time, each step
-    reading the past from the paged cache and writing its own keys/values after, as `graph/runner.py` does."""
+    reading the past from the paged cache and writing its own keys/values after, as `graph/runner.py` does: one
+    jitted step per token count, a page table as wide as the sequence (pages past `past_len` masked), and on CPU
+    maxjax's kernels (packed projections, attention read from the pool) where they build."""
     cfg = loaded.config
     n_pages = -(-len(tokens) // PAGE_SIZE) + 1
     cache = CacheSpec(cfg.num_layers, n_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=loaded.dtype).allocate()
     pages = np.arange(1, n_pages, dtype=np.int32)  # page 0 is the scratch page
-    model: Any = loaded.model
+    built = kernels.load()
+    if built is not None:
+        pack_for_cpu_kernel(loaded.model, built.panel)
+
+    @nnx.jit
+    def step(model: Any, tokens: jax.Array, cache: KVCache, past_len: jax.Array) -> tuple[jax.Array, ...]:
+        with tracing_for("cpu", built is not None):
+            hidden, new_k, new_v = model.forward(tokens, cache, pages[None], past_len)
+            return model.logits(hidden)[0], new_k, new_v
+
     out, start = [], 0
     for n in [*chunks, *[1] * (len(tokens) - sum(chunks))]:
         positions = np.arange(start, start + n)
-        past_pages = -(-start // PAGE_SIZE)
-        hidden, new_k, new_v = model.forward(
-            tokens[None, start : start + n], cache, pages[None, :past_pages], np.array([start], np.int32)
-        )
-        out.append(np.asarray(model.logits(hidden)[0]))
+        logits, new_k, new_v = step(loaded.model, tokens[None, start : start + n], cache, np.array([start], np.int32))
+        out.append(np.asarray(logits))
         slots = pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
         cache = write_kv(cache, new_k, new_v, slots[None])
         start += n
