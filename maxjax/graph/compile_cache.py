@@ -353,7 +353,7 @@ def code_digest(model: nnx.Module) -> str:
 
     kernels = Path(maxjax.kernels.__file__).parent
     files = {*Path(maxjax.graph.__file__).parent.glob("*.py"), *Path(maxjax.models.__file__).parent.glob("*.py"),
-             *kernels.glob("*.py"), *kernels.glob("*.cc")}
+             *kernels.glob("*.py"), *kernels.glob("*.cc"), *kernels.glob("*.h")}
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Pytree) and not isinstance(node, nnx.Variable):
             source = inspect.getsourcefile(type(node))

@@ -30,6 +30,7 @@ from maxjax.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("project.cc"), Path(__file__).with_name("attention.cc"))
+HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "maxjax_project"
 ATTENTION_TARGET = "maxjax_paged_past"
 """The custom-call names the graphs use (registered for the CPU platform)."""
@@ -43,7 +44,7 @@ class Kernels:
     panel: int
     """Output columns per packed panel (16 for AVX2, 32 for AVX-512)."""
     digest: str
-    """Hash of what the build depends on; part of every compiled executable's cache key."""
+    """Hash of what the build depends on (sources, jaxlib, compiler, CPU): the library's file name."""
 
 
 _lock = threading.Lock()
@@ -79,7 +80,7 @@ def _build_and_register(directory: Path) -> Kernels:
     if not compiler:
         raise _Unavailable("no C++ compiler on PATH")
     identity = hashlib.sha256()
-    parts = [source.read_bytes() for source in SOURCES]
+    parts = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     parts += [part.encode() for part in (jaxlib.__version__, _compiler_version(compiler), host_cpu())]
     for part in parts:
         identity.update(part + b"\0")

@@ -11,14 +11,12 @@
 //   m, l    [B, K, M] running max and sum; o [B, K, M, E] running (unnormalized) output: in, and out updated.
 // Attributes: layer, window (0: none; key visible when qpos - kpos < window), softcap (0: none).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -89,20 +87,6 @@ void attend(const Args& a, int64_t b, int64_t kh) {
   }
 }
 
-struct Job {
-  Args args;
-  int64_t n_items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void work() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) {
-      attend(args, i / args.K, i % args.K);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PagedPast(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> past,
                      ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::F32> m_in, ffi::Buffer<ffi::F32> l_in,
@@ -113,18 +97,11 @@ ffi::Error PagedPast(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 || kd[2] != qd[1] ||
       kd[3] != qd[3] || vd[3] != kd[4] || vd[4] != qd[3] || td[0] != qd[0] || layer < 0 || layer >= kd[0])
     return ffi::Error::InvalidArgument("maxjax_paged_past: q [B,K,M,E], k [L,N,K,E,S], v [L,N,K,S,E], table [B,P]");
-  auto job = std::make_shared<Job>();
-  Args& a = job->args;
-  a = Args{q.typed_data(), k.typed_data(), v.typed_data(), m_in.typed_data(), l_in.typed_data(),
-           o_in.typed_data(), table.typed_data(), past.typed_data(), qpos.typed_data(), m_out->typed_data(),
-           l_out->typed_data(), o_out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[4], td[1], layer,
-           window, softcap};
-  job->n_items = a.B * a.K;
-  if (job->n_items == 0) return ffi::Error::Success();
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), job->n_items) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->n_items) std::this_thread::yield();
+  const Args a{q.typed_data(), k.typed_data(), v.typed_data(), m_in.typed_data(), l_in.typed_data(),
+               o_in.typed_data(), table.typed_data(), past.typed_data(), qpos.typed_data(), m_out->typed_data(),
+               l_out->typed_data(), o_out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[4], td[1], layer,
+               window, softcap};
+  maxjax::parallel_for(pool, a.B * a.K, [a](int64_t i) { attend(a, i / a.K, i % a.K); });  // one (row, KV head)
   return ffi::Error::Success();
 }
 

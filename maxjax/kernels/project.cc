@@ -8,19 +8,16 @@
 // whole of `in`; no horizontal sums, and the weights stream from memory exactly once a call while the panel
 // stays in L1/L2 for the next MR rows. docs/design.md has the figures.
 //
-// Work is split by panels: the calling thread and XLA's intra-op pool claim panels from one counter, so a
-// helper that starts late finds nothing left and the caller never waits on work nobody has begun.
+// Work is split by panels among the calling thread and XLA's intra-op pool (parallel.h).
 //
 // Written with GCC/Clang vector extensions, so the one source builds for AVX-512, AVX2 or NEON with
 // -march=native; maxjax falls back to XLA's own forms where it cannot build it.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -84,30 +81,6 @@ TileFn tile_for(int rows, std::integer_sequence<int, Rs...>) {
   return fns[rows - 1];
 }
 
-struct Job {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t rows, n_in, n_out, n_panels;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void work() {
-    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < n_panels;) {
-      int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
-      // Rows in tiles of nearly equal size (8 rows: 4 + 4, not 6 + 2: a 2-row tile waits on its few sums).
-      const int64_t tiles = (rows + kMR - 1) / kMR;
-      for (int64_t t = 0, r = 0; t < tiles; ++t) {
-        int n = static_cast<int>((rows - r) / (tiles - t));
-        tile_for(n, std::make_integer_sequence<int, kMR>{})(x + r * n_in, w + p * n_in * kPanel,
-                                                            y + r * n_out + p * kPanel, n_in, n_out, cols);
-        r += n;
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error Project(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -116,20 +89,25 @@ ffi::Error Project(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (wd.size() != 3 || wd[2] != kPanel || xd.size() < 1 || xd.back() != wd[1] || yd.size() != xd.size() ||
       yd.back() > wd[0] * kPanel)
     return ffi::Error::InvalidArgument("maxjax_project: x [..., in], w [panels, in, panel width], y [..., out]");
-  auto job = std::make_shared<Job>();
-  job->rows = 1;
-  for (size_t i = 0; i + 1 < xd.size(); ++i) job->rows *= xd[i];
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->n_in = wd[1];
-  job->n_out = yd.back();
-  job->n_panels = (job->n_out + kPanel - 1) / kPanel;
-  if (job->rows == 0 || job->n_out == 0) return ffi::Error::Success();
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), job->n_panels) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->n_panels) std::this_thread::yield();
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) rows *= xd[i];
+  const int64_t n_in = wd[1], n_out = yd.back();
+  if (rows == 0 || n_out == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  // One panel an item; its rows in tiles of nearly equal size (8 rows: 4 + 4, not 6 + 2: a 2-row tile waits on
+  // its few sums).
+  maxjax::parallel_for(pool, (n_out + kPanel - 1) / kPanel, [=](int64_t p) {
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
+    const int64_t tiles = (rows + kMR - 1) / kMR;
+    for (int64_t t = 0, r = 0; t < tiles; ++t) {
+      int n = static_cast<int>((rows - r) / (tiles - t));
+      tile_for(n, std::make_integer_sequence<int, kMR>{})(xp + r * n_in, wp + p * n_in * kPanel,
+                                                          yp + r * n_out + p * kPanel, n_in, n_out, cols);
+      r += n;
+    }
+  });
   return ffi::Error::Success();
 }
 
