@@ -50,6 +50,16 @@ def reference(family: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return json.loads((folder / "reference.json").read_text()), {k: arrays[k] for k in arrays.files}
 
 
+@nnx.jit(static_argnums=5)
+def _step(model: Any, tokens: jax.Array, cache: KVCache, pages: jax.Array, past_len: jax.Array,
+          cpu_kernels: bool) -> tuple[jax.Array, ...]:
+    """One prefill chunk or decode step: logits [T, V] and the chunk's keys and values. Module-level, so that
+    tests of one configuration (a family's broken copies, its GGUF storage types) share its compiles."""
+    with tracing_for("cpu", cpu_kernels):
+        hidden, new_k, new_v = model.forward(tokens, cache, pages, past_len)
+        return model.logits(hidden)[0], new_k, new_v
+
+
 def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> np.ndarray:
     """Logits [T, V] at every position: `chunks` prefilled, then the rest decoded one token at a time, each step
     reading the past from the paged cache and writing its own keys/values after, as `graph/runner.py` does: one
@@ -63,16 +73,11 @@ def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> 
     if built is not None:
         pack_for_cpu_kernel(loaded.model, built.panel)
 
-    @nnx.jit
-    def step(model: Any, tokens: jax.Array, cache: KVCache, past_len: jax.Array) -> tuple[jax.Array, ...]:
-        with tracing_for("cpu", built is not None):
-            hidden, new_k, new_v = model.forward(tokens, cache, pages[None], past_len)
-            return model.logits(hidden)[0], new_k, new_v
-
     out, start = [], 0
     for n in [*chunks, *[1] * (len(tokens) - sum(chunks))]:
         positions = np.arange(start, start + n)
-        logits, new_k, new_v = step(loaded.model, tokens[None, start : start + n], cache, np.array([start], np.int32))
+        logits, new_k, new_v = _step(loaded.model, tokens[None, start : start + n], cache, pages[None],
+                                     np.array([start], np.int32), built is not None)
         out.append(np.asarray(logits))
         slots = pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
         cache = write_kv(cache, new_k, new_v, slots[None])
