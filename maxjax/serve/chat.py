@@ -32,6 +32,7 @@ from maxjax.serve.choices import (
     json_response,
     new_id,
     sse,
+    sse_response,
     stream_error,
     token_budget,
     usage,
@@ -83,13 +84,7 @@ async def create_chat_completion(
                 prompt_ids,
                 request.sampling_params(max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=top_n),
             ),
-            text=ChoiceText(
-                tokenizer,
-                stop=request.stop or (),
-                include_stop_str_in_output=bool(request.include_stop_str_in_output),
-                stop_token_ids=request.stop_token_ids or (),
-                ignore_eos=bool(request.ignore_eos),
-            ),
+            text=ChoiceText.for_request(tokenizer, request),
         )
         for i in range(request.n or 1)
     ]
@@ -98,7 +93,7 @@ async def create_chat_completion(
     head = {"id": request_id, "created": int(time.time()), "model": model}
     if request.stream:
         stream = _stream(runner, tokenizer, head, top_n, len(prompt_ids), include_usage=request.include_usage)
-        return Response(stream, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return sse_response(stream)
     return await _collect(runner, tokenizer, head, top_n, len(prompt_ids))
 
 

@@ -93,6 +93,11 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_response(events: AsyncIterator[bytes]) -> Response:
+    """A streamed answer: server-sent events, never cached."""
+    return Response(events, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def stream_error(exc: BaseException) -> bytes:
     """The event a client gets when something fails after the 200 and the first bytes went out."""
     if not isinstance(exc, ApiError):

@@ -32,6 +32,7 @@ from maxjax.serve.choices import (
     json_response,
     new_id,
     sse,
+    sse_response,
     stream_error,
     token_budget,
     usage,
@@ -91,14 +92,7 @@ async def create_completion(
             params = request.sampling_params(
                 max_tokens=max_tokens, seed=choice_seed(request.seed, j), logprobs=top_n, prompt_logprobs=prompt_logprobs
             )
-            text = ChoiceText(
-                tokenizer,
-                stop=request.stop or (),
-                include_stop_str_in_output=bool(request.include_stop_str_in_output),
-                stop_token_ids=request.stop_token_ids or (),
-                ignore_eos=bool(request.ignore_eos),
-                offset=len(prompt.echo),
-            )
+            text = ChoiceText.for_request(tokenizer, request, offset=len(prompt.echo))
             index = i * n + j
             choices.append(Choice(index, GenerationRequest(f"{request_id}-{index}", prompt.ids, params), text))
     runner = ChoiceRunner(engine, choices, metrics, arrived=arrived)
@@ -108,7 +102,7 @@ async def create_completion(
     prompt_tokens = sum(len(p.ids) for p in prompts)
     if request.stream:
         stream = _stream(runner, view, head, prompt_tokens, include_usage=request.include_usage)
-        return Response(stream, content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return sse_response(stream)
     return await _collect(runner, view, head, prompt_tokens)
 
 

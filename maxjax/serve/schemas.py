@@ -88,7 +88,7 @@ class StreamOptions(BaseModel):
     """Accepted and ignored: there is no obfuscation padding to turn off."""
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields chat and completions share: sampling, stopping, streaming, and the common extensions."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -244,7 +244,7 @@ class ChatMessage(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -313,7 +313,7 @@ Prompt = str | list[int]
 """One completions prompt: text, or token ids."""
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: list[Prompt]
     """Normalized to a list: a string, a list of strings, a list of token ids, or a list of lists."""
     echo: bool | None = None
@@ -356,7 +356,7 @@ class CompletionRequest(_SamplingRequest):
             )
 
 
-_R = TypeVar("_R", bound=_SamplingRequest)
+_R = TypeVar("_R", bound=SamplingRequest)
 
 
 def parse_request(model: type[_R], body: dict[str, Any], *, vocab_size: int) -> _R:

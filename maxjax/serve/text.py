@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from maxjax.serve.protocol import FinishReason, GenerationOutput, TokenLogprob
-from maxjax.serve.schemas import ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from maxjax.serve.schemas import ChatTokenLogprob, CompletionLogprobs, SamplingRequest, TopLogprob
 
 LOGPROB_FLOOR = -9999.0
 """What -inf and NaN logprobs become: JSON has no infinities, and OpenAI itself reports -9999 for 'never'."""
@@ -141,6 +141,18 @@ class ChoiceText:
         self.chars = offset
         """Characters detokenized so far (shown or held), plus the echo offset."""
         self.finished = False
+
+    @classmethod
+    def for_request(cls, tokenizer: TextTokenizer, request: SamplingRequest, *, offset: int = 0) -> ChoiceText:
+        """A choice's text under a chat or completion request's stop rules."""
+        return cls(
+            tokenizer,
+            stop=request.stop or (),
+            include_stop_str_in_output=bool(request.include_stop_str_in_output),
+            stop_token_ids=request.stop_token_ids or (),
+            ignore_eos=bool(request.ignore_eos),
+            offset=offset,
+        )
 
     def add(self, output: GenerationOutput) -> Piece:
         assert not self.finished, "ChoiceText got an output after the choice finished"
