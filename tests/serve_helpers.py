@@ -1,10 +1,16 @@
-"""A real Hypercorn server on 127.0.0.1 in a background thread, for tests that talk HTTP to the app."""
+"""Real servers on 127.0.0.1 for tests that talk HTTP: the app on Hypercorn in a background thread
+(`running_server`), or the installed `max serve` command in a process of its own (`max_serve`)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -67,3 +73,40 @@ def running_server(state: ServingState, config: ServerConfig | None = None) -> I
         assert not thread.is_alive(), "the test server did not shut down"
         if failed:
             raise failed[0]
+
+
+MAX = str(Path(sys.executable).parent / "max")
+
+
+def free_port() -> int:
+    sock = bind("127.0.0.1", 0)
+    with sock:
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def max_serve(args: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None,
+              timeout: float = 240) -> Iterator[str]:
+    """Run `max serve *args` on a free port, its output in `log`; yields http://127.0.0.1:<port> once /health
+    answers 200, and stops the process when the block ends. A process that exits first fails with its log."""
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([MAX, "serve", *args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(env if env is not None else os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not become ready:\n" + log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -33,9 +32,9 @@ from click.testing import CliRunner
 
 from maxjax.cli import main
 from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, model_signature
+from tests.serve_helpers import MAX, max_serve
 
 LLAMA = Path(__file__).parent / "fixtures" / "arch" / "llama"
-MAX = str(Path(sys.executable).parent / "max")
 # batch 2, 2 pages of 16 per row: decode (1,1,2) (2,1,2), prefill (1,16,2), one score graph
 FLAGS = ["--model", str(LLAMA), "--max-batch-size", "2", "--max-length", "32", "--prefill-chunk-size", "16",
          "--kv-cache-pages", "8"]
@@ -134,35 +133,11 @@ def test_second_warm_cache_compiles_nothing(filled: tuple[Path, Run], copy: Path
     assert run.model_compiles == [] and run.xla_compiles == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def warm_server(copy: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = _free_port()
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([MAX, "serve", *FLAGS, "--port", str(port), "--compile-cache-dir", str(copy)],
-                                stdout=out, stderr=subprocess.STDOUT, env=_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.1)
+    with max_serve([*FLAGS, "--compile-cache-dir", str(copy)], log, env=_env(), timeout=120) as url:
         yield url, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_a_warm_server_start_compiles_nothing_and_serves(warm_server: tuple[str, Path]) -> None:

@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import pytest
 from click.testing import CliRunner
@@ -26,10 +22,10 @@ from maxjax.cli import main
 from maxjax.custom import registry_with
 from maxjax.errors import UserError
 from maxjax.registry import default_registry
+from tests.serve_helpers import MAX, free_port, max_serve
 
 CUSTOM = Path(__file__).parent / "fixtures" / "custom_arch"
 LLAMA = Path(__file__).parent / "fixtures" / "arch" / "llama"
-MAX = str(Path(sys.executable).parent / "max")
 BUILTINS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
             "Gemma3ForConditionalGeneration", "Phi3ForCausalLM"}
 
@@ -44,12 +40,6 @@ def _checkpoint(folder: Path, architecture: str) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(params=["dir:module", "module"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     model = _checkpoint(tmp_path / "my-llama", "MyLlamaForCausalLM")
@@ -59,30 +49,10 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         spec = "my_arch"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CUSTOM), env.get("PYTHONPATH")]))
-    port = _free_port()
-    log = tmp_path / "server.log"
-    cmd = [MAX, "serve", "--model", str(model), "--custom-architectures", spec, "--port", str(port),
-           "--served-model-name", "tiny", "--max-length", "64", "--max-batch-size", "2",
-           "--prefill-chunk-size", "16", "--kv-cache-pages", "16"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
+    args = ["--model", str(model), "--custom-architectures", spec, "--served-model-name", "tiny",
+            "--max-length", "64", "--max-batch-size", "2", "--prefill-chunk-size", "16", "--kv-cache-pages", "16"]
+    with max_serve(args, tmp_path / "server.log", env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_serves_a_custom_architecture_end_to_end(server: str) -> None:
@@ -100,7 +70,7 @@ def test_serves_a_custom_architecture_end_to_end(server: str) -> None:
 
 def test_unregistered_architecture_fails_at_start_up_naming_what_is_supported(tmp_path: Path) -> None:
     model = _checkpoint(tmp_path / "foo", "FooBarForCausalLM")
-    proc = subprocess.run([MAX, "serve", "--model", str(model), "--port", str(_free_port())],
+    proc = subprocess.run([MAX, "serve", "--model", str(model), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +17,8 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+
+from tests.serve_helpers import max_serve
 
 API_KEY = "test-key-123"
 
@@ -57,41 +56,16 @@ class RealServer:
         return [line for line in self.log.read_text().splitlines() if "Compiling " in line]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, JAX_LOG_COMPILES="1")
-    cmd = [str(Path(sys.executable).parent / "max"), "serve", "--model", str(smollm2_gguf), "--port", str(port),
-           "--max-batch-size", "8", "--max-length", "256", "--prefill-chunk-size", "32", "--kv-cache-pages", "200",
-           "--api-key", API_KEY, "--served-model-name", "smollm2",
-           # an empty compile cache: warm-up compiles the whole grid, so the log shows what compiles and when
-           "--compile-cache-dir", str(tmp_path_factory.mktemp("compile-cache"))]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("server did not become ready:\n" + log.read_text()[-3000:])
+    args = ["--model", str(smollm2_gguf), "--max-batch-size", "8", "--max-length", "256",
+            "--prefill-chunk-size", "32", "--kv-cache-pages", "200", "--api-key", API_KEY,
+            "--served-model-name", "smollm2",
+            # an empty compile cache: warm-up compiles the whole grid, so the log shows what compiles and when
+            "--compile-cache-dir", str(tmp_path_factory.mktemp("compile-cache"))]
+    with max_serve(args, log, env=dict(os.environ, JAX_LOG_COMPILES="1"), timeout=400) as url:
         yield RealServer(url, log)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _chat(text: str) -> list[dict[str, str]]:
