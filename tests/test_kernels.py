@@ -15,6 +15,7 @@ from flax import nnx
 from maxjax import kernels
 from maxjax.models.layers import (
     AttentionBatch,
+    Embedding,
     KVCache,
     Linear,
     pack_for_cpu_kernel,
@@ -64,6 +65,24 @@ def test_leading_axes_and_linear(built: kernels.Kernels) -> None:
     assert layer.kernel[...].shape == (-(-40 // built.panel), 24, built.panel)
     assert pack_for_cpu_kernel(layer, built.panel) == 0  # already packed: left alone
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(layer, x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_embedding_looks_up_and_attends_as_the_table(built: kernels.Kernels) -> None:
+    """A packed `Embedding` (a vocabulary that is not a multiple of the panel) gives the same rows, the same tied
+    head, and holds no second copy of the table."""
+    vocab, dim = 3 * built.panel + 5, 24
+    embed = Embedding(vocab, dim)
+    rng = np.random.default_rng(1)
+    embed.weight.set_value(jnp.asarray(rng.standard_normal((vocab, dim)), jnp.float32))
+    tokens = jnp.asarray([[0, vocab - 1, built.panel], [7, built.panel - 1, 3 * built.panel]], jnp.int32)
+    hidden = jnp.asarray(rng.standard_normal((2, 3, dim)), jnp.float32)
+    rows, logits = np.asarray(embed(tokens)), np.asarray(embed.attend(hidden))
+    assert pack_for_cpu_kernel(embed, built.panel) == 1
+    assert embed.weight[...].shape == (4, dim, built.panel)
+    packed_rows, packed_logits = nnx.jit(lambda m, t, h: (m(t), m.attend(h)))(embed, tokens, hidden)
+    np.testing.assert_array_equal(np.asarray(packed_rows), rows)
+    assert packed_logits.shape == (2, 3, vocab)
+    np.testing.assert_allclose(np.asarray(packed_logits), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_graph_calls_the_kernel(built: kernels.Kernels) -> None:

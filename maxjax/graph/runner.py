@@ -194,7 +194,7 @@ class ModelRunner:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxjax-kv")
         self._allocation = pool.submit(cache_spec.allocate, self.device)
         pool.shutdown(wait=False)
-        self.vocab_size, self.hidden_size = (int(d) for d in model.embed.shape)  # type: ignore[attr-defined]
+        self.vocab_size, self.hidden_size = model.embed.vocab_size, model.embed.dim  # type: ignore[attr-defined]
         self._jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._score = jax.jit(_score, static_argnums=(0, 1, 2))

@@ -28,13 +28,13 @@ from maxjax.models import gguf_common
 from maxjax.models.config import TransformerConfig, text_config_of
 from maxjax.models.layers import (
     AttentionBatch,
+    Embedding,
     GatedMLP,
     KVCache,
     Linear,
     RMSNorm,
     apply_rope,
     paged_attention,
-    project,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -114,7 +114,7 @@ class Gemma3DecoderLayer(nnx.Module):
 class Gemma3ForCausalLM(nnx.Module):
     def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32):
         self.cfg = cfg
-        self.embed = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nnx.List([Gemma3DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
@@ -125,9 +125,9 @@ class Gemma3ForCausalLM(nnx.Module):
         """tokens [B, T] -> (final-normed hidden states [B, T, D], new keys and values [L, B, T, K, E])."""
         cfg = self.cfg
         t = tokens.shape[1]
-        embed = self.embed[...]
+        x = self.embed(tokens)  # [B, T, D]
         # transformers rounds the scale to the embedding dtype before multiplying; so does this.
-        x = jnp.take(embed, tokens, axis=0) * jnp.asarray(math.sqrt(cfg.hidden_size), embed.dtype)  # [B, T, D]
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
         positions = past_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
         def batch_for(rope: Any) -> AttentionBatch:
@@ -147,7 +147,7 @@ class Gemma3ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
-        out = self.lm_head(hidden) if self.lm_head is not None else project(hidden, self.embed[...])
+        out = self.lm_head(hidden) if self.lm_head is not None else self.embed.attend(hidden)
         out = out.astype(jnp.float32)
         cap = self.cfg.final_logit_softcap
         return out if cap is None else jnp.tanh(out / cap) * cap

@@ -60,6 +60,34 @@ class Linear(nnx.Module):
         return y
 
 
+class Embedding(nnx.Module):
+    """The token embedding table [vocab, dim]: `embed(tokens)` looks rows up; `attend(hidden)` multiplies by the
+    table's transpose, the LM head of a model with tied embeddings.
+
+    On CPU `pack_for_cpu_kernel` packs the table into panels as it packs a `Linear` kernel, and lookups read the
+    panels in place (row v is column v % P of panel v // P): a tied head runs through the projection kernel
+    without a second copy of the table.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype = jnp.float32):
+        self.weight = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
+        self.vocab_size = vocab_size
+        self.dim = dim
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [...] -> embeddings [..., dim]."""
+        table = self.weight[...]
+        if table.ndim == 3:  # packed [ceil(vocab / P), dim, P]
+            panel = table.shape[-1]
+            return table[tokens // panel, :, tokens % panel]
+        return jnp.take(table, tokens, axis=0)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., dim] -> [..., vocab]."""
+        table = self.weight[...]
+        return kernels.project(hidden, table, self.vocab_size) if table.ndim == 3 else project(hidden, table)
+
+
 REDUCE_MAX_ROWS = 16
 """Up to this many rows, a projection on CPU is a multiply-and-sum (see `project`)."""
 
@@ -99,14 +127,18 @@ def project(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def pack_for_cpu_kernel(model: nnx.Module, panel: int) -> int:
-    """Pack every float32 `Linear` kernel of `model` in place into the CPU kernel's panels (already packed ones
-    are left as they are); returns how many were packed. In place, so the weights are never held twice."""
+    """Pack every float32 `Linear` kernel and `Embedding` table of `model` in place into the CPU kernel's panels
+    (already packed ones are left as they are); returns how many were packed. In place, so the weights are never
+    held twice."""
     packed = 0
     for _, node in nnx.iter_graph(model):
-        w = node.kernel[...] if isinstance(node, Linear) else None
-        if w is not None and w.ndim == 2 and w.dtype == jnp.float32:
+        param = node.kernel if isinstance(node, Linear) else node.weight if isinstance(node, Embedding) else None
+        if param is None:
+            continue
+        w = param[...]
+        if w.ndim == 2 and w.dtype == jnp.float32:
             packed_w = kernels.pack(np.asarray(w), panel)
-            node.kernel.set_value(jax.device_put(packed_w, w.sharding) if isinstance(w, jax.Array) else packed_w)
+            param.set_value(jax.device_put(packed_w, w.sharding) if isinstance(w, jax.Array) else packed_w)  # type: ignore[arg-type]
             packed += 1
     return packed
 

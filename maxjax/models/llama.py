@@ -19,13 +19,13 @@ from maxjax.models import gguf_common
 from maxjax.models.config import TransformerConfig
 from maxjax.models.layers import (
     AttentionBatch,
+    Embedding,
     GatedMLP,
     KVCache,
     Linear,
     RMSNorm,
     apply_rope,
     paged_attention,
-    project,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -66,7 +66,7 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32):
         self.cfg = cfg
-        self.embed = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
@@ -76,7 +76,7 @@ class LlamaForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """tokens [B, T] -> (final-normed hidden states [B, T, D], new keys and values [L, B, T, K, E])."""
         b, t = tokens.shape
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        x = self.embed(tokens)  # [B, T, D]
         positions = past_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.rotary_dim or self.cfg.head_dim))
         batch = AttentionBatch(page_table=page_table, past_len=past_len, cos=cos, sin=sin)
@@ -89,7 +89,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
-        out = self.lm_head(hidden) if self.lm_head is not None else project(hidden, self.embed[...])
+        out = self.lm_head(hidden) if self.lm_head is not None else self.embed.attend(hidden)
         return out.astype(jnp.float32)
 
     def __call__(
@@ -130,7 +130,7 @@ def with_embeddings(cfg: TransformerConfig, get: Callable[[str], np.ndarray], la
     """The whole model's parameter dict around `layers`: embeddings, final norm and (untied) LM head, which every
     decoder-only family names the same way."""
     params: dict[str, Any] = {
-        "embed": get("model.embed_tokens.weight"),
+        "embed": {"weight": get("model.embed_tokens.weight")},
         "layers": layers,
         "norm": {"weight": get("model.norm.weight")},
     }
