@@ -4,6 +4,8 @@ attention read from the pool as XLA's gathered blocks compute it, and XLA's form
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -143,3 +145,24 @@ def test_unwritable_cache_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "maxjax").write_text("a file where the cache directory should be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert kernels.load() is None
+
+
+def test_loading_keeps_the_newest_builds_and_deletes_older_ones(
+    built: kernels.Kernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each source, jaxlib or compiler change leaves a build behind: loading keeps the `KEEP_BUILDS` most recently
+    used (the loaded one first) and deletes the rest."""
+    directory = tmp_path / "maxjax" / "kernels"
+    directory.mkdir(parents=True)
+    shutil.copy(built.path, directory / built.path.name)  # this build, already there: nothing compiles
+    os.utime(directory / built.path.name, (1000, 1000))  # and the oldest file of all until it is loaded
+    stale = [directory / f"maxjax-kernels-{i:020d}.so" for i in range(6)]
+    for age, path in enumerate(stale):
+        path.write_bytes(b"an old build")
+        os.utime(path, (2000 + age, 2000 + age))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    loaded = kernels.load()
+    assert loaded is not None and loaded.path == directory / built.path.name
+    left = sorted(p.name for p in directory.glob("*.so"))
+    assert left == sorted([built.path.name, *(p.name for p in stale[-(kernels.KEEP_BUILDS - 1):])])
+

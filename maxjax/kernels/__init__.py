@@ -34,6 +34,9 @@ HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "maxjax_project"
 ATTENTION_TARGET = "maxjax_paged_past"
 """The custom-call names the graphs use (registered for the CPU platform)."""
+KEEP_BUILDS = 4
+"""Libraries kept in the cache directory, most recently loaded first (one per source, jaxlib and compiler version
+in use on the machine); loading one deletes the older rest."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ def _build_and_register(directory: Path) -> Kernels:
     except (OSError, AttributeError) as e:
         raise _Unavailable(f"cannot load {library}: {e}") from e
     kernels = Kernels(library, panel, digest)
+    _mark_used_and_prune(library)
     if _registered is None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
@@ -104,6 +108,24 @@ def _build_and_register(directory: Path) -> Kernels:
     elif _registered.digest != digest:  # one name, one handler a process: a second build cannot replace it
         raise _Unavailable(f"another build of {TARGET} and {ATTENTION_TARGET} is already registered")
     return kernels
+
+
+def _mark_used_and_prune(library: Path) -> None:
+    """Touch `library` (most recently used) and delete all but the `KEEP_BUILDS` most recently used builds beside
+    it. A process that has a deleted one loaded keeps its mapping; one that wants it again rebuilds it."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    try:
+        os.utime(library)
+        builds = sorted(library.parent.glob("maxjax-kernels-*.so"), key=used, reverse=True)
+        for old in builds[KEEP_BUILDS:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:  # a read-only cache still serves the library it has
+        log.debug("maxjax: cannot prune old kernel builds in %s: %s", library.parent, e)
 
 
 def _build(compiler: str, library: Path, include: Path) -> None:
