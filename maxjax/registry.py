@@ -26,7 +26,8 @@ class SupportedArchitecture:
     supported_encodings: tuple[str, ...]
     model_class: Callable[..., Any]
     """Flax NNX module class, built as `model_class(config, dtype)`, with `forward(tokens, cache, page_table,
-    past_len) -> (hidden, new_k, new_v)` and `logits(hidden)` (see `models/llama.py`)."""
+    past_len) -> (hidden, new_k, new_v)`, `logits(hidden)` and its token table as `embed`, a `layers.Embedding`
+    (see `models/llama.py`)."""
     load_params: Callable[[Any, Callable[[str], np.ndarray]], dict[str, Any]]
     """(config, get HF-named tensor) -> the module's parameters as a pure dict."""
     config_from_hf: Callable[[dict[str, Any]], Any] | None = None
