@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.devices import DeviceSpec
 from maxjax.hub import resolve_model
-from maxjax.pipeline import load_model
+from maxjax.pipeline import build_model, open_checkpoint
 from maxjax.registry import Registry
-from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.protocol import GenerationRequest, SamplingParams
 
 
@@ -29,9 +28,15 @@ def generate(
     quantization_encoding: str | None = None, revision: str | None = None, stream: bool = True,
     registry: Registry | None = None,
 ) -> GenerateResult:
-    device = DeviceSpec.parse(devices).select()[0]
-    loaded = load_model(resolve_model(model, revision=revision, quantization_encoding=quantization_encoding),
-                        registry=registry, platform=device.platform)
+    spec = DeviceSpec.parse(devices)
+    # The files are read and checked before JAX is imported: a broken model is an error at once.
+    checkpoint = open_checkpoint(
+        resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
+    )
+    from maxjax.serve.engine_core import EngineCore
+
+    device = spec.select()[0]
+    loaded = build_model(checkpoint, platform=device.platform)
     tok = loaded.tokenizer
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -1,7 +1,9 @@
 """Load a resolved model: its config, weights (cast or dequantized to the serving dtype) and tokenizer.
 
 `load_model` is the one place that joins the weight readers (`maxjax/weights/`), the registry and the model
-modules; both `max generate` and `max serve` start here.
+modules; both `max generate` and `max serve` start here. It runs in two halves: `open_checkpoint` reads and checks
+everything on disk (config, tensor index, tokenizer) without importing JAX, so a broken or unsupported model is
+an error at once; `build_model` then imports JAX and the model module and fills the Flax model.
 """
 
 from __future__ import annotations
@@ -9,19 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from maxjax.errors import UserError
 from maxjax.hub import ResolvedModel
 from maxjax.models.config import TransformerConfig
 from maxjax.registry import Registry, SupportedArchitecture, default_registry
 from maxjax.weights import encodings
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,24 @@ class LoadedModel:
     """maxjax.tokenizer.Tokenizer"""
 
 
+@dataclass
+class Checkpoint:
+    """A model's files, opened and checked: what `build_model` needs, with no JAX imported yet."""
+
+    resolved: ResolvedModel
+    config: Any
+    architecture: SupportedArchitecture
+    get: Callable[[str], np.ndarray]
+    """HF tensor name -> the stored tensor as NumPy (dequantized from GGUF types)."""
+    tokenizer: Any
+    """maxjax.tokenizer.Tokenizer"""
+
+
 def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
     """An explicitly asked-for float encoding wins; else float32 on CPU (XLA's bfloat16 matmuls are slow there)
     and bfloat16 on accelerators."""
+    import jax.numpy as jnp
+
     if encodings.is_float(resolved.encoding) and resolved.needs_conversion:
         return jnp.dtype(resolved.encoding)
     return jnp.float32 if platform == "cpu" else jnp.bfloat16
@@ -47,14 +65,29 @@ def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
 def load_model(
     resolved: ResolvedModel, *, registry: Registry | None = None, platform: str | None = None
 ) -> LoadedModel:
+    return build_model(open_checkpoint(resolved, registry), platform=platform)
+
+
+def open_checkpoint(resolved: ResolvedModel, registry: Registry | None = None) -> Checkpoint:
+    """Read the config, the tensor index and the tokenizer of `resolved`; UserError for anything missing or
+    broken that can be seen without reading every weight."""
     registry = registry or default_registry()
+    opened = _open_gguf(resolved, registry) if resolved.kind == "gguf" else _open_hf(resolved, registry)
+    config, arch, get, tokenizer = opened
+    return Checkpoint(resolved, config, arch, get, tokenizer)
+
+
+def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> LoadedModel:
+    """The Flax model of an opened checkpoint, its weights cast to the serving dtype of `platform` (default: the
+    first device's)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    resolved, config, arch, get = checkpoint.resolved, checkpoint.config, checkpoint.architecture, checkpoint.get
     platform = platform or jax.devices()[0].platform
     dtype = serving_dtype(resolved, platform)
     start = time.perf_counter()
-    if resolved.kind == "gguf":
-        config, arch, get, tokenizer = _open_gguf(resolved, registry)
-    else:
-        config, arch, get, tokenizer = _open_hf(resolved, registry)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     def get_cast(name: str) -> np.ndarray:
@@ -75,10 +108,12 @@ def load_model(
     model = nnx.merge(graphdef, state)
     log.info("loaded %s (%s) as %s in %.1f s", resolved.name, resolved.stored_encoding, jnp.dtype(dtype).name,
              time.perf_counter() - start)
-    return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=tokenizer)
+    return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=checkpoint.tokenizer)
 
 
 def _flat(state: nnx.State) -> list[tuple[str, Any]]:
+    import jax
+
     leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
 
@@ -131,8 +166,8 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
     if not hf_config.get("architectures"):
         raise UserError(f"{config_path} names no architectures: add e.g. \"architectures\": [\"LlamaForCausalLM\"]")
     arch = registry.get(hf_config["architectures"][0])
+    weights = SafetensorsWeights(resolved.path)  # headers checked before the model module (and JAX) is imported
     config = _config(arch, hf_config)
-    weights = SafetensorsWeights(resolved.path)
     stored = {name: name for name in weights.names}
     if arch.weight_name_to_hf is not None:  # e.g. Gemma 3's `language_model.model.*` -> `model.*`
         stored = {hf: name for name in weights.names if (hf := arch.weight_name_to_hf(name)) is not None}

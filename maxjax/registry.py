@@ -8,6 +8,7 @@ entries of their own, replacing built-ins of the same name.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,40 +54,53 @@ GGUF_ENCODINGS = (
 FLOAT_ENCODINGS = ("float32", "bfloat16", "float16")
 
 
-def _builtin() -> list[SupportedArchitecture]:
-    from maxjax.models import gemma3, llama, mistral, phi3, qwen2, qwen3
+class _Lazy:
+    """`maxjax.models.<module>.<name>`, imported at its first call: the built-in entries can be listed and looked
+    up, and a model's files checked, before JAX (which every model module imports) is."""
 
-    def entry(name: str, module: Any, model_class: Any, examples: tuple[str, ...], gguf: str | None,
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"maxjax.models.{self.module}"), self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"maxjax.models.{self.module}.{self.name}"
+
+
+def _builtin() -> list[SupportedArchitecture]:
+    def entry(name: str, module: str, model_class: str, examples: tuple[str, ...], gguf: str | None,
               **extra: Any) -> SupportedArchitecture:
-        adapters = {}
+        adapters: dict[str, Any] = {}
         if gguf is not None:
-            adapters = dict(gguf_architectures=(gguf,), gguf_to_hf_config=module.gguf_to_hf_config,
-                            gguf_name_to_hf=module.gguf_name_to_hf, gguf_tensor_to_hf=module.gguf_tensor_to_hf)
+            adapters = dict(gguf_architectures=(gguf,), gguf_to_hf_config=_Lazy(module, "gguf_to_hf_config"),
+                            gguf_name_to_hf=_Lazy(module, "gguf_name_to_hf"),
+                            gguf_tensor_to_hf=_Lazy(module, "gguf_tensor_to_hf"))
         return SupportedArchitecture(
             name=name, example_repo_ids=examples, default_encoding="bfloat16",
             supported_encodings=GGUF_ENCODINGS if gguf is not None else FLOAT_ENCODINGS,
-            model_class=model_class, load_params=module.load_params, config_from_hf=module.config_from_hf,
-            **adapters, **extra,
+            model_class=_Lazy(module, model_class), load_params=_Lazy(module, "load_params"),
+            config_from_hf=_Lazy(module, "config_from_hf"), **adapters, **extra,
         )
 
     return [
-        entry("LlamaForCausalLM", llama, llama.LlamaForCausalLM, (
+        entry("LlamaForCausalLM", "llama", "LlamaForCausalLM", (
             "HuggingFaceTB/SmolLM2-135M-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
         ), "llama"),
         # llama.cpp converts Mistral to its `llama` architecture: those GGUF files are the Llama entry's.
-        entry("MistralForCausalLM", mistral, mistral.MistralForCausalLM, (
+        entry("MistralForCausalLM", "mistral", "MistralForCausalLM", (
             "mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-Nemo-Instruct-2407",
         ), None),
-        entry("Qwen2ForCausalLM", qwen2, qwen2.Qwen2ForCausalLM, (
+        entry("Qwen2ForCausalLM", "qwen2", "Qwen2ForCausalLM", (
             "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct",
         ), "qwen2"),
-        entry("Qwen3ForCausalLM", qwen3, qwen3.Qwen3ForCausalLM, ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"), "qwen3"),
-        entry("Gemma3ForCausalLM", gemma3, gemma3.Gemma3ForCausalLM, ("google/gemma-3-1b-it",), "gemma3"),
+        entry("Qwen3ForCausalLM", "qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"), "qwen3"),
+        entry("Gemma3ForCausalLM", "gemma3", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",), "gemma3"),
         # The text path of the multimodal checkpoints; their GGUF conversions are `gemma3` files (above).
-        entry("Gemma3ForConditionalGeneration", gemma3, gemma3.Gemma3ForCausalLM, (
+        entry("Gemma3ForConditionalGeneration", "gemma3", "Gemma3ForCausalLM", (
             "google/gemma-3-12b-it", "google/gemma-3-4b-it", "google/gemma-3-27b-it",
-        ), None, weight_name_to_hf=gemma3.multimodal_name_to_hf),
-        entry("Phi3ForCausalLM", phi3, phi3.Phi3ForCausalLM, (
+        ), None, weight_name_to_hf=_Lazy("gemma3", "multimodal_name_to_hf")),
+        entry("Phi3ForCausalLM", "phi3", "Phi3ForCausalLM", (
             "microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-4",
         ), "phi3"),
     ]

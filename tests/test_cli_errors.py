@@ -132,25 +132,37 @@ CASES = [
         [],
         "llama.attention.head_count",
         id="gguf-without-required-key",
+        marks=pytest.mark.needs_model_module,
     ),
 ]
 
 
-def _run_max(args: list[str], cwd: Path, *, cpu_only: bool = True) -> subprocess.CompletedProcess[str]:
+WITHOUT_JAX = "import sys; sys.modules['jax'] = None; from maxjax.cli import main; main(sys.argv[1:])"
+"""`max` in a process where `import jax` fails: an error found this way was found before JAX was imported."""
+
+
+def _run_max(args: list[str], cwd: Path, *, cpu_only: bool = True,
+             without_jax: bool = False) -> subprocess.CompletedProcess[str]:
     """`max ARGS`, offline. cpu_only sets JAX_PLATFORMS=cpu: JAX then probes no other backend, and so logs
     nothing about the ones it cannot find (see the last test)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"HF_HUB_OFFLINE": "1"}
     if cpu_only:
         env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([str(MAX), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", WITHOUT_JAX] if without_jax else [str(MAX)]
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(("make", "flags", "says"), CASES)
 def test_bad_input_is_one_error_line(
-    make: Callable[[Path, Path], Path], flags: list[str], says: str, models: Path, tmp_path: Path
+    make: Callable[[Path, Path], Path], flags: list[str], says: str, models: Path, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Each error is found from the files alone, before JAX is imported (so it comes at once), except where the
+    model module must read the config."""
     model = make(models, tmp_path)
-    result = _run_max(["generate", "--model", str(model), "--prompt", "hi", *flags], cwd=tmp_path)
+    without_jax = request.node.get_closest_marker("needs_model_module") is None
+    result = _run_max(["generate", "--model", str(model), "--prompt", "hi", *flags], cwd=tmp_path,
+                      without_jax=without_jax)
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stderr

@@ -10,7 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from maxjax.errors import UserError
-from maxjax.models.layers import RopeConfig
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings, HF's `rope_theta` + `rope_scaling` decided into one hashable value."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    """'default', 'linear' or 'llama3'."""
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax import kernels
+from maxjax.models.config import RopeConfig
 
 
 class RMSNorm(nnx.Module):
@@ -158,19 +158,6 @@ class GatedMLP(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------- rotary
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding settings, HF's `rope_theta` + `rope_scaling` decided into one hashable value."""
-
-    theta: float = 10000.0
-    kind: str = "default"
-    """'default', 'linear' or 'llama3'."""
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
