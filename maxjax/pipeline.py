@@ -72,9 +72,7 @@ def open_checkpoint(resolved: ResolvedModel, registry: Registry | None = None) -
     """Read the config, the tensor index and the tokenizer of `resolved`; UserError for anything missing or
     broken that can be seen without reading every weight."""
     registry = registry or default_registry()
-    opened = _open_gguf(resolved, registry) if resolved.kind == "gguf" else _open_hf(resolved, registry)
-    config, arch, get, tokenizer = opened
-    return Checkpoint(resolved, config, arch, get, tokenizer)
+    return _open_gguf(resolved, registry) if resolved.kind == "gguf" else _open_hf(resolved, registry)
 
 
 def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> LoadedModel:
@@ -118,7 +116,7 @@ def _flat(state: nnx.State) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
 
 
-def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
+def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
     from maxjax.tokenizer import load_gguf_tokenizer
     from maxjax.weights.gguf import GGUFFile
 
@@ -147,14 +145,14 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
             raise UserError(f"{resolved.path}: the file has no tensor for {hf_name}; is it a complete model?")
         return tensor_to_hf(hf_name, file.tensor(to_gguf[hf_name]), hf_config)
 
-    return config, arch, get, load_gguf_tokenizer(metadata)
+    return Checkpoint(resolved, config, arch, get, load_gguf_tokenizer(metadata))
 
 
 def _config(arch: SupportedArchitecture, hf_config: dict[str, Any]) -> Any:
     return (arch.config_from_hf or TransformerConfig.from_hf)(hf_config)
 
 
-def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
+def _open_hf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
     from maxjax.tokenizer import load_hf_tokenizer
     from maxjax.weights.safetensors import SafetensorsWeights
 
@@ -177,4 +175,4 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> tuple[Any, ...]:
             raise UserError(f"{resolved.path}: the checkpoint has no tensor {name}; is it complete?")
         return weights.get(stored[name])
 
-    return config, arch, get, load_hf_tokenizer(resolved.config_dir or resolved.path)
+    return Checkpoint(resolved, config, arch, get, load_hf_tokenizer(resolved.config_dir or resolved.path))
