@@ -65,9 +65,9 @@ def engine_options(f: Any) -> Any:
                      help="Most sequences in one decode step."),
         click.option("--max-length", default=None, type=click.IntRange(min=16),
                      help="Longest sequence (prompt + output) [default: the model's context length]."),
-        click.option("--device-memory-utilization", default=0.9, show_default=True,
-                     type=click.FloatRange(0, 1, min_open=True),
-                     help="Share of device memory to use; the KV cache gets what the weights leave."),
+        click.option("--device-memory-utilization", default=None, type=click.FloatRange(0, 1, min_open=True),
+                     help="Share of device memory to use; the KV cache gets what the weights leave "
+                          "[default: 0.9 on GPU/TPU; on CPU a quarter of the memory available at start]."),
         click.option("--kv-cache-page-size", default=16, show_default=True, type=click.IntRange(min=1)),
         click.option("--kv-cache-pages", default=None, type=click.IntRange(min=2),
                      help="An explicit KV pool size in pages (overrides --device-memory-utilization)."),
@@ -90,7 +90,7 @@ def compile_cache_options(f: Any) -> Any:
     return f
 
 
-def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_utilization: float,
+def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_utilization: float | None,
                     kv_cache_page_size: int, kv_cache_pages: int | None, prefill_chunk_size: int,
                     compile_cache_dir: Path | None, no_compile_cache: bool) -> dict[str, Any]:
     """The scheduler, KV and compile-cache parts of a `PipelineConfig` from `engine_options` and
@@ -162,12 +162,14 @@ main.add_command(benchmark)
 @click.option("--chat-template", default=None, help="A Jinja chat template file (or template text) to use instead of the model's.")
 @click.option("--api-key", default=None, envvar="MAXJAX_API_KEY",
               help="Require `Authorization: Bearer <key>` on /v1 routes [env: MAXJAX_API_KEY].")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds open requests get to finish after SIGTERM or Ctrl-C; new ones get 503 meanwhile.")
 def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
           custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
-          device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
+          device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
           prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool, max_queue_size: int,
-          chat_template: str | None, api_key: str | None) -> None:
+          chat_template: str | None, api_key: str | None, shutdown_timeout: float) -> None:
     """Serve a model behind an OpenAI-compatible API."""
     from maxjax.config import PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
@@ -177,7 +179,7 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
             **_engine_configs(max_batch_size, max_length, device_memory_utilization, kv_cache_page_size,
                               kv_cache_pages, prefill_chunk_size, compile_cache_dir, no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
-                                max_queue_size=max_queue_size),
+                                max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout),
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -192,7 +194,7 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
 @compile_cache_options
 def warm_cache(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
                custom_architectures: tuple[str, ...], max_batch_size: int, max_length: int | None,
-               device_memory_utilization: float, kv_cache_page_size: int, kv_cache_pages: int | None,
+               device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
                prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool) -> None:
     """Compile everything `max serve` with the same flags runs into the compile cache, without serving.
 

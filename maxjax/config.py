@@ -24,8 +24,12 @@ class ServerConfig:
     """The model id clients use; defaults to the --model value (or the default model's name)."""
     max_queue_size: int = 256
     """Requests waiting for a batch row beyond this get 429 with Retry-After."""
+    shutdown_timeout: float = 30.0
+    """Seconds open requests get to finish after SIGTERM or Ctrl-C (new ones get 503); the rest are then ended."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.shutdown_timeout < float("inf"):
+            raise ValueError(f"shutdown_timeout {self.shutdown_timeout} must be a number of seconds >= 0, e.g. 30")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range: use 0-65535")
         if self.max_queue_size < 1:
@@ -58,14 +62,15 @@ class KVCacheConfig:
 
     page_size: int = 16
     """Tokens per page."""
-    device_memory_utilization: float = 0.9
+    device_memory_utilization: float | None = None
     """Share of the device's memory the server may use; the KV pool gets what the weights leave. On CPU the
-    device's memory is what the OS reports available at start."""
+    device's memory is what the OS reports available at start. None: 0.9 on accelerators; on CPU a quarter of
+    the available memory, rounded down to a power of two of full-length sequences (graph/memory.py)."""
     num_pages: int | None = None
     """An explicit pool size in pages (tests use a small one); overrides the utilization budget."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.device_memory_utilization <= 1.0:
+        if self.device_memory_utilization is not None and not 0.0 < self.device_memory_utilization <= 1.0:
             raise ValueError(
                 f"device_memory_utilization {self.device_memory_utilization} must be in (0, 1], e.g. 0.9"
             )

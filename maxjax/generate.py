@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.devices import DeviceSpec
+from maxjax.errors import UserError
 from maxjax.hub import resolve_model
 from maxjax.pipeline import build_model, open_checkpoint
 from maxjax.registry import Registry
@@ -34,6 +35,7 @@ def generate(
         resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
     )
     from maxjax.serve.engine_core import EngineCore
+    from maxjax.serve.protocol import RequestRejected
 
     device = spec.select()[0]
     loaded = build_model(checkpoint, platform=device.platform)
@@ -57,7 +59,10 @@ def generate(
     if len(prompt_ids) > grid.prefill_chunk:
         shapes.add((1, grid.prefill_chunk, grid.max_pages))
     core.runner.warm_up(sorted(shapes))
-    core.add(GenerationRequest("generate", tuple(prompt_ids), params))
+    try:
+        core.add(GenerationRequest("generate", tuple(prompt_ids), params))
+    except RequestRejected as e:
+        raise UserError(str(e)) from None
     detok = tok.detokenizer()
     start = time.perf_counter()
     first = None

@@ -534,6 +534,9 @@ class Tok:
 class Engine:
     model_name, max_model_len = "m", 16
 
+    def open_requests(self):
+        return 0
+
     def stop(self):
         pass
 

@@ -260,13 +260,12 @@ def test_pending_loads_deserialize_each_entry_once(store: ExecutableStore) -> No
     store.load = counting_load  # type: ignore[method-assign]
     pending = PendingLoads(store, {("step", i): key for i, key in enumerate("abc")})
     got: dict[Any, Any] = {}
-    thread = pending.start([("step", 0), ("step", 1), ("step", 2)], got.__setitem__)
+    workers = pending.start([("step", 0), ("step", 1), ("step", 2)], got.__setitem__, threads=2)
     takers = [threading.Thread(target=pending.take, args=(("step", i),)) for i in (2, 1, 2)]
     for t in takers:
         t.start()
-    for t in takers:
+    for t in takers + workers:
         t.join()
-    thread.join()
     assert sorted(calls) == ["a", "b", "c"]
     assert len(got) == 3 and pending.take(("step", 9)) is None
 

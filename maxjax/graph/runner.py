@@ -82,11 +82,14 @@ class CacheSpec:
     def bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
-    def allocate(self, device: jax.Device | None = None) -> KVCache:
+    def allocate(self, device: jax.Device | None = None, *, reserve: bool = False) -> KVCache:
+        """The K and V pools, zero-filled; with `reserve` (the CPU kernels loaded: `kernels.reserve`), allocated
+        but not written, so the memory becomes resident only as steps write pages."""
         shape_k = (self.num_layers, self.num_pages, self.num_kv_heads, self.head_dim, self.page_size)
         shape_v = (self.num_layers, self.num_pages, self.num_kv_heads, self.page_size, self.head_dim)
+        fill = kernels.reserve if reserve else jnp.zeros
         with jax.default_device(device or jax.devices()[0]):
-            return KVCache(jnp.zeros(shape_k, self.dtype), jnp.zeros(shape_v, self.dtype))
+            return jax.jit(lambda: KVCache(fill(shape_k, self.dtype), fill(shape_v, self.dtype)))()
 
 
 def _step(
@@ -185,14 +188,17 @@ class ModelRunner:
         self.graphdef = graphdef
         self.state = jax.device_put(state, self.device)
         self._params, self._treedef = jax.tree.flatten(self.state)
-        # The pools are zeroed on a thread of their own: on CPU that is seconds (11 GiB of first-touch page faults
-        # for the default grid), which warm-up overlaps; `cache` waits for them.
+        # Where attention reads the pool through the CPU kernel (which never reads past a row's cached length),
+        # the pool is only reserved: it costs nothing at start and becomes resident as it is written. Otherwise
+        # it is zeroed on a thread of its own (on CPU, seconds per GiB of first-touch page faults), which
+        # warm-up overlaps; `cache` waits for it.
+        self.lazy_pool = self.kernels is not None and jnp.dtype(cache_spec.dtype) == jnp.float32
         sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._cache_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                          jax.eval_shape(lambda: cache_spec.allocate(self.device)))
         self._cache: KVCache | None = None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxjax-kv")
-        self._allocation = pool.submit(cache_spec.allocate, self.device)
+        self._allocation = pool.submit(cache_spec.allocate, self.device, reserve=self.lazy_pool)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = model.embed.vocab_size, model.embed.dim  # type: ignore[attr-defined]
         self._jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
@@ -265,13 +271,19 @@ class ModelRunner:
             self._store.prune()
         return WarmUp(time.perf_counter() - start, compiled=len(build), cached=cached)
 
-    def load_cached(self) -> None:
-        """Deserialize, on a background thread, every executable warm-up found in the compile cache (a step
-        that needs one first loads it itself). Smallest steps first: what a new server runs first."""
+    def load_cached(self, *, threads: int = 1, wait: bool = False) -> None:
+        """Deserialize every executable warm-up found in the compile cache, on `threads` background threads (a
+        step that needs one first loads it itself); with `wait`, return once all are loaded. Smallest steps
+        first: what a new server runs first."""
         if self._loads is None or not self._pending:
             return
         order = sorted(self._pending, key=lambda e: (0, e[1][0] * e[1][1]) if e[0] == "step" else (1, e[1]))
-        self._loads.start(order, lambda entry, executable: self._table(entry[0]).__setitem__(entry[1], executable))
+        workers = self._loads.start(
+            order, lambda entry, executable: self._table(entry[0]).__setitem__(entry[1], executable), threads=threads
+        )
+        if wait:
+            for worker in workers:
+                worker.join()
 
     def _table(self, kind: str) -> dict[Any, Any]:
         return self._compiled if kind == "step" else self._compiled_score

@@ -1,6 +1,7 @@
 """CPU kernels XLA lacks, as XLA FFI custom calls: `maxjax_project` (project.cc), the projection of a step's
-rows against float32 weights packed into panels, and `maxjax_paged_past` (attention.cc), attention over the
-cached past read straight from the paged KV pool.
+rows against float32 weights packed into panels, `maxjax_paged_past` (attention.cc), attention over the
+cached past read straight from the paged KV pool, and `maxjax_reserve` (attention.cc), a pool allocated but
+not zero-filled.
 
 The C++ sources are built at first use with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
 headers jaxlib ships, for this CPU (`-march=native`), into the maxjax cache under a name that hashes the source,
@@ -33,6 +34,7 @@ SOURCES = (Path(__file__).with_name("project.cc"), Path(__file__).with_name("att
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "maxjax_project"
 ATTENTION_TARGET = "maxjax_paged_past"
+RESERVE_TARGET = "maxjax_reserve"
 """The custom-call names the graphs use (registered for the CPU platform)."""
 KEEP_BUILDS = 4
 """Libraries kept in the cache directory, most recently loaded first (one per source, jaxlib and compiler version
@@ -104,6 +106,7 @@ def _build_and_register(directory: Path) -> Kernels:
     if _registered is None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
+        jax.ffi.register_ffi_target(RESERVE_TARGET, jax.ffi.pycapsule(lib.MaxjaxReserve), platform="cpu")
         _registered = kernels
     elif _registered.digest != digest:  # one name, one handler a process: a second build cannot replace it
         raise _Unavailable(f"another build of {TARGET} and {ATTENTION_TARGET} is already registered")
@@ -179,6 +182,14 @@ def project(x: Any, w: Any, out: int) -> Any:
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), x.dtype)
     return jax.ffi.ffi_call(TARGET, result)(x, w)
+
+
+def reserve(shape: tuple[int, ...], dtype: Any) -> Any:
+    """An array of `shape` whose contents are whatever the fresh memory holds (zeros, from the OS): call inside
+    `jax.jit`. Only for buffers every element of which is written before it is read (the KV pool)."""
+    import jax
+
+    return jax.ffi.ffi_call(RESERVE_TARGET, jax.ShapeDtypeStruct(shape, dtype))()
 
 
 def paged_past(q: Any, k_pool: Any, v_pool: Any, page_table: Any, past_len: Any, query_pos: Any,

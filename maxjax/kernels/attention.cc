@@ -125,3 +125,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxPagedPast, PagedPast,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// maxjax_reserve: a KV pool that is reserved, not filled. XLA allocates the result (a fresh mapping for a buffer
+// this large, so the OS backs a page only when it is first written) and this handler leaves it alone: a pool of
+// many GiB costs nothing at start-up and becomes resident as requests write it. Nothing reads a slot before a
+// step wrote it: attention stops at each row's cached length, and padding writes go to page 0.
+static ffi::Error Reserve(ffi::Result<ffi::AnyBuffer>) { return ffi::Error::Success(); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxReserve, Reserve, ffi::Ffi::Bind().Ret<ffi::AnyBuffer>());

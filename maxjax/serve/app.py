@@ -51,7 +51,7 @@ from werkzeug.exceptions import HTTPException
 import maxjax
 from maxjax.config import ServerConfig
 from maxjax.serve.chat import create_chat_completion
-from maxjax.serve.choices import internal_error, json_response, model_error
+from maxjax.serve.choices import internal_error, json_response, model_error, shutting_down
 from maxjax.serve.completions import create_completion
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine
@@ -74,9 +74,12 @@ class ServingState:
     engine: Engine | None = None
     tokenizer: TextTokenizer | None = None
     model_root: str | None = None
-    """Where the weights came from (HF id, directory or .gguf path), shown as `root` in /v1/models."""
+    """`--model` as the user gave it (an HF id, or the path as typed), shown as `root` in /v1/models; None
+    (the default model) shows the model's name. Never a path the server resolved on its own disk."""
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
+    draining: bool = False
+    """Set on SIGTERM / Ctrl-C (`server.py`): /v1 and /health answer 503 while open requests finish."""
     on_fatal: Callable[[str], None] | None = None
     """Set by `server.serve`: stops the server, which then exits non-zero."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -114,6 +117,8 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         g.arrived = time.perf_counter()  # time to first token counts from here
         if not request.path.startswith("/v1/"):
             return
+        if state.draining:
+            raise shutting_down()
         if expected_auth is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected_auth):
@@ -190,6 +195,8 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
 
     @app.get("/health")
     async def health() -> Response:
+        if state.draining:
+            return json_response({"status": "shutting_down"}, 503, {"Retry-After": LOADING_RETRY_AFTER_S})
         if not state.ready:
             return json_response({"status": "loading"}, 503, {"Retry-After": LOADING_RETRY_AFTER_S})
         return json_response({"status": "ok"})

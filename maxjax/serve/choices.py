@@ -28,10 +28,12 @@ from quart import Response
 
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import (
+    Aborted,
     Engine,
     GenerationOutput,
     GenerationRequest,
     QueueFullError,
+    RequestRejected,
     TokenLogprob,
 )
 from maxjax.serve.schemas import ApiError, Usage
@@ -110,6 +112,12 @@ def internal_error(exc: BaseException) -> ApiError:
     return ApiError(f"The server failed to finish this request: {type(exc).__name__}: {exc}", status=500, type="server_error")
 
 
+def shutting_down(reason: str = "the server is shutting down") -> ApiError:
+    """503 with Retry-After: the server is draining (new requests) or ended this one at the shutdown timeout."""
+    return ApiError(f"The server is shutting down: {reason}. Retry against another instance or later.",
+                    status=503, type="server_error", code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S})
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return {
         "prompt_tokens": prompt_tokens,
@@ -164,6 +172,12 @@ class ChoiceRunner:
         try:
             for choice in self.choices:
                 self.iterators.append(self.engine.generate(choice.request))
+        except RequestRejected as exc:
+            await self.close()
+            raise ApiError(str(exc), param=exc.param) from None
+        except Aborted as exc:
+            await self.close()
+            raise shutting_down(str(exc)) from None
         except QueueFullError as exc:
             await self.close()
             raise ApiError(
@@ -224,6 +238,8 @@ class ChoiceRunner:
             else:
                 raise RuntimeError(f"engine ended request {choice.request.request_id} without a finish reason")
             queue.put_nowait(None)
+        except Aborted as exc:
+            queue.put_nowait(_Failed(shutting_down(str(exc))))
         except QueueFullError as exc:  # an engine that raises it on the first step rather than in generate()
             queue.put_nowait(_Failed(ApiError(str(exc) or "The server is busy.", status=429, type="rate_limit_error")))
         except Exception as exc:

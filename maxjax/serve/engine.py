@@ -2,8 +2,11 @@
 
 The life of a request:
 
-1. An HTTP handler calls `AsyncEngine.generate(request)`. It raises `QueueFullError` at once when the queue is
-   full (the handler answers 429); otherwise it returns an async iterator and puts an "add" into the inbox.
+1. An HTTP handler calls `AsyncEngine.generate(request)`. The request is admitted there, on the caller's thread
+   (`EngineCore.admit`: every value checked and converted into the step arrays' types), so a bad value is that
+   request's `RequestRejected` (a 400) before anything is queued. It raises `QueueFullError` at once when the
+   queue is full (the handler answers 429); otherwise it returns an async iterator and puts an "add" into the
+   inbox.
 2. The engine thread loops: it drains the inbox (adds and cancels) into the scheduler, runs one
    `EngineCore.step()` (at most one prefill chunk plus one decode step for every running sequence), and hands
    each request's `GenerationOutput` to its asyncio queue with `call_soon_threadsafe`. Requests join and leave
@@ -13,8 +16,12 @@ The life of a request:
    sequence and frees its batch row and KV pages.
 4. With nothing to serve, the thread gives each executable of the grid its first run, one per idle moment
    (the first run of an XLA:CPU executable costs 0.3-0.5 s extra; requests should not pay it).
-5. If a step raises, the engine is broken: every open request gets the error, `on_fatal` takes the server
-   down (a crashed loop must not leave clients hanging), and the thread ends.
+5. Shutting down (`serve/server.py`): `open_requests()` tells the server when the last stream finished;
+   `abort_all()` ends whatever is still open then with `Aborted`, and refuses new requests with it.
+6. What one request carries can fail only that request: admission is where its values become step inputs, and
+   an unexpected error while queueing one request goes to that request alone. If a step itself raises, no
+   request caused it: the engine is broken, every open request gets the error, `on_fatal` takes the server down
+   (a crashed loop must not leave clients hanging), and the thread ends.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 
 from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.metrics import Metrics
-from maxjax.serve.protocol import GenerationOutput, GenerationRequest, QueueFullError
+from maxjax.serve.protocol import Aborted, GenerationOutput, GenerationRequest, QueueFullError
 from maxjax.serve.scheduler import Sequence
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ class EngineError(RuntimeError):
 @dataclass
 class _Stream:
     request: GenerationRequest
+    admitted: Sequence
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[GenerationOutput | BaseException] = field(default_factory=asyncio.Queue)
     seq: Sequence | None = None
@@ -64,6 +72,7 @@ class AsyncEngine:
         self._pending_adds = 0
         self._stopped = False
         self._broken: str | None = None
+        self._aborting = False
         self._streams: dict[int, _Stream] = {}
         self._idle_done = False
         self._idle_seconds = 0.0
@@ -75,10 +84,13 @@ class AsyncEngine:
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         if self._broken is not None:
             raise EngineError(self._broken)
+        if self._aborting:
+            raise Aborted("the server is shutting down")
+        admitted = self.core.admit(request)  # RequestRejected: this request's 400, before anything is queued
         with self._lock:
             if self._pending_adds + len(self.core.scheduler.waiting) >= self.core.scheduler.max_queue:
                 raise QueueFullError(f"{self.core.scheduler.max_queue} requests are already waiting")
-            stream = _Stream(request=request, loop=asyncio.get_running_loop())
+            stream = _Stream(request=request, admitted=admitted, loop=asyncio.get_running_loop())
             self._inbox.append(("add", stream))
             self._pending_adds += 1
         self._wake.set()
@@ -102,6 +114,14 @@ class AsyncEngine:
                 with self._lock:
                     self._inbox.append(("cancel", stream))
                 self._wake.set()
+
+    def open_requests(self) -> int:
+        with self._lock:
+            return self._pending_adds + len(self._streams)
+
+    def abort_all(self) -> None:
+        self._aborting = True
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -157,22 +177,35 @@ class AsyncEngine:
             inbox, self._inbox = self._inbox, []
         for kind, stream in inbox:
             if kind == "add":
-                with self._lock:
+                self._add(stream)
+                with self._lock:  # after the stream is in _streams: open_requests() never misses it
                     self._pending_adds -= 1
-                if stream.done:
-                    continue  # cancelled before it reached the scheduler
-                try:
-                    seq = self.core.add(stream.request)
-                except ValueError as exc:
-                    stream.deliver(exc)
-                    continue
-                if seq is None:
-                    stream.deliver(QueueFullError("the queue is full"))
-                    continue
-                stream.seq = seq
-                self._streams[id(seq)] = stream
             elif stream.seq is not None and self._streams.pop(id(stream.seq), None) is not None:
                 self.core.cancel(stream.seq)
+        if self._aborting:
+            for stream in list(self._streams.values()):
+                self.core.cancel(stream.admitted)
+                stream.deliver(Aborted("the server shut down before this request finished"))
+            self._streams.clear()
+
+    def _add(self, stream: _Stream) -> None:
+        if stream.done:
+            return  # cancelled before it reached the scheduler
+        if self._aborting:
+            stream.deliver(Aborted("the server shut down before this request started"))
+            return
+        seq = stream.admitted
+        try:
+            queued = self.core.queue(seq)
+        except Exception as exc:  # this request's failure (its own 500), not the engine's
+            log.exception("queueing request %s failed", stream.request.request_id)
+            stream.deliver(exc)
+            return
+        if not queued:
+            stream.deliver(QueueFullError("the queue is full"))
+            return
+        stream.seq = seq
+        self._streams[id(seq)] = stream
 
     def _report(self) -> None:
         if self.metrics is None:

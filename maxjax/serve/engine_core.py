@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import jax
@@ -18,14 +20,22 @@ import numpy as np
 
 from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.graph.buckets import BucketGrid
-from maxjax.graph.memory import device_memory_bytes, plan_kv_pages
+from maxjax.graph.memory import plan_pool
 from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores, StepInputs
-from maxjax.graph.sampling import ADJUST_SLOTS, BANNED, LogitAdjustments, SampleOutput, SamplingArrays
+from maxjax.graph.sampling import (
+    ADJUST_SLOTS,
+    BANNED,
+    TOP_LOGPROBS,
+    LogitAdjustments,
+    SampleOutput,
+    SamplingArrays,
+)
 from maxjax.pipeline import LoadedModel
 from maxjax.serve.protocol import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
+    RequestRejected,
     SamplingParams,
     TokenLogprob,
 )
@@ -34,10 +44,28 @@ from maxjax.serve.scheduler import Scheduler, Sequence
 log = logging.getLogger(__name__)
 
 
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A request's values in the dtypes of the step's per-row arrays, converted once, at admission."""
+
+    temperature: np.float32
+    top_p: np.float32
+    top_k: np.int32
+    min_p: np.float32
+    seed: np.uint32
+    presence: np.float32
+    frequency: np.float32
+    repetition: np.float32
+    logit_bias: dict[int, float]
+
+
 @dataclass
 class _Request:
     params: SamplingParams
-    seed: int
+    row: _Row
     generated_counts: collections.Counter[int] = field(default_factory=collections.Counter)
     prompt_tokens: tuple[int, ...] = ()
     """Distinct prompt tokens, most recent first (repetition penalty only)."""
@@ -49,6 +77,53 @@ class _Request:
         p = self.params
         return bool(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty
                     or p.repetition_penalty != 1.0)
+
+
+def admit(request: GenerationRequest, vocab_size: int) -> _Request:
+    """The one place where what a request carries becomes step inputs: every value is checked against the range
+    of the array it goes into (token ids against the vocabulary and int32, top_k capped at the vocabulary, the
+    seed folded into the key's 32 bits) and converted here, so building a step never raises for a request.
+    Raises `RequestRejected` naming the field: that request's 400, nobody else's."""
+    p = request.params
+
+    def number(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> np.float32:
+        if not (lo < value if lo_open else lo <= value) or not value <= hi or not math.isfinite(value):
+            raise RequestRejected(f"{name} {value!r} is out of range: use {lo} to {hi}", param=name)
+        return np.float32(value)
+
+    def token_ids(name: str, ids: Iterable[int]) -> None:
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise RequestRejected(f"{name} has a token id outside the vocabulary (size {vocab_size})", param=name)
+
+    token_ids("prompt", request.prompt_ids)
+    token_ids("logit_bias", p.logit_bias)
+    token_ids("stop_token_ids", p.stop_token_ids)
+    if not request.prompt_ids:
+        raise RequestRejected("the prompt is empty", param="prompt")
+    if not 1 <= p.max_tokens <= INT32_MAX:
+        raise RequestRejected(f"max_tokens {p.max_tokens} is out of range: use 1 to {INT32_MAX}", param="max_tokens")
+    if not 0 <= p.min_tokens <= INT32_MAX:
+        raise RequestRejected(f"min_tokens {p.min_tokens} is out of range: use 0 to {INT32_MAX}", param="min_tokens")
+    if not 0 <= p.top_k <= INT32_MAX:
+        raise RequestRejected(f"top_k {p.top_k} is out of range: use 0 (off) to {INT32_MAX}", param="top_k")
+    for name, k in (("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs)):
+        if k is not None and not 0 <= k <= TOP_LOGPROBS:
+            raise RequestRejected(f"{name} {k} is out of range: use 0 to {TOP_LOGPROBS}", param=name)
+    row = _Row(
+        temperature=number("temperature", p.temperature, 0.0, 2.0),
+        top_p=number("top_p", p.top_p, 0.0, 1.0, lo_open=True),
+        top_k=np.int32(min(p.top_k, vocab_size)),
+        min_p=number("min_p", p.min_p, 0.0, 1.0),
+        seed=np.uint32((p.seed if p.seed is not None else random.getrandbits(32)) % 2**32),
+        presence=number("presence_penalty", p.presence_penalty, -2.0, 2.0),
+        frequency=number("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
+        repetition=number("repetition_penalty", p.repetition_penalty, 0.0, 10.0, lo_open=True),
+        logit_bias={t: float(number("logit_bias", b, -100.0, 100.0)) for t, b in p.logit_bias.items()},
+    )
+    req = _Request(params=p, row=row)
+    if p.repetition_penalty != 1.0:
+        req.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
+    return req
 
 
 class EngineCore:
@@ -70,25 +145,21 @@ class EngineCore:
         pages_per_row = -(-max_length // kv.page_size)
         spec = CacheSpec(cfg.num_layers, 2, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.model))
-        if kv.num_pages is not None:
-            num_pages = kv.num_pages
-        else:
-            budget = int(device_memory_bytes(device) * kv.device_memory_utilization)
-            if device.platform == "cpu":
-                budget -= weight_bytes  # not yet placed: on CPU the OS figure still counts them as free
-            num_pages = plan_kv_pages(
-                bytes_per_page=spec.bytes_per_page, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
-                max_length=max_length, budget_bytes=budget,
-            )
+        pool = plan_pool(
+            device=device, bytes_per_page=spec.bytes_per_page, page_size=kv.page_size,
+            max_batch_size=scheduler.max_batch_size, max_length=max_length, weight_bytes=weight_bytes,
+            num_pages=kv.num_pages, utilization=kv.device_memory_utilization,
+        )
+        num_pages = pool.num_pages
         spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         chunk = min(scheduler.prefill_chunk_size, 1 << (max_length - 1).bit_length())
         grid = BucketGrid(max_batch_size=scheduler.max_batch_size, prefill_chunk=max(chunk, 16),
                           max_pages=pages_per_row, page_size=kv.page_size)
         runner = ModelRunner(loaded.model, spec, grid, device)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.0f MiB); weights %.0f MiB",
-            num_pages - 1, kv.page_size, (num_pages - 1) * kv.page_size, num_pages * spec.bytes_per_page / 2**20,
-            weight_bytes / 2**20,
+            "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB%s; %s); weights %.0f MiB",
+            num_pages - 1, kv.page_size, (num_pages - 1) * kv.page_size, num_pages * spec.bytes_per_page / 2**30,
+            ", reserved and filled as used" if runner.lazy_pool else "", pool.why, weight_bytes / 2**20,
         )
         sched = Scheduler(
             num_pages=num_pages, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
@@ -97,21 +168,36 @@ class EngineCore:
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
 
-    def add(self, request: GenerationRequest) -> Sequence | None:
-        """Queue a request; None when the queue is full. ValueError when it can never fit."""
-        params = request.params
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        payload = _Request(params=params, seed=seed % 2**32)
-        if params.repetition_penalty != 1.0:
-            payload.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
+    def admit(self, request: GenerationRequest) -> Sequence:
+        """Check and convert a request (`admit`) into a sequence the scheduler can take. Touches no engine state,
+        so the HTTP side may call it from its own thread; raises `RequestRejected`."""
         seq = Sequence(
             request_id=request.request_id,
             prompt=list(request.prompt_ids),
-            max_new_tokens=params.max_tokens,
-            payload=payload,
-            reuse_prefix=params.prompt_logprobs is None,
+            max_new_tokens=request.params.max_tokens,
+            payload=admit(request, self.runner.vocab_size),
+            reuse_prefix=request.params.prompt_logprobs is None,
         )
-        return seq if self.scheduler.add(seq) else None
+        try:
+            self.scheduler.check_fits(seq)
+        except ValueError as e:
+            raise RequestRejected(str(e), param="max_tokens") from None
+        return seq
+
+    def queue(self, seq: Sequence) -> bool:
+        """Queue an admitted sequence; False when the queue is full."""
+        return self.scheduler.add(seq)
+
+    def add(self, request: GenerationRequest) -> Sequence | None:
+        """`admit` and `queue` in one (max generate, tests); None when the queue is full."""
+        seq = self.admit(request)
+        return seq if self.queue(seq) else None
+
+    def first_runs(self, *, decode_only: bool = False) -> None:
+        """Give every executable of the grid (with `decode_only`, every decode step) its first run now."""
+        for shape in self.grid.all_shapes():
+            if not self.runner.has_run(shape) and (shape[1] == 1 or not decode_only):
+                self.runner.first_run(shape)
 
     def first_run_next(self) -> bool:
         """Give one executable of the grid that has never run its first run (see `ModelRunner.first_run`), smallest
@@ -172,10 +258,9 @@ class EngineCore:
         seed = np.zeros(rows, np.uint32)
         position = np.zeros(rows, np.int32)
         for r, s in enumerate(seqs):
-            req: _Request = s.payload
-            p = req.params
-            temperature[r], top_p[r], top_k[r], min_p[r] = p.temperature, p.top_p, p.top_k, p.min_p
-            seed[r], position[r] = req.seed, positions[r]
+            row: _Row = s.payload.row
+            temperature[r], top_p[r], top_k[r], min_p[r] = row.temperature, row.top_p, row.top_k, row.min_p
+            seed[r], position[r] = row.seed, positions[r]
         return SamplingArrays(temperature, top_p, top_k, min_p, seed, position)
 
     def _adjustments(self, seqs: list[Sequence], rows: int) -> LogitAdjustments:
@@ -191,9 +276,9 @@ class EngineCore:
             req: _Request = s.payload
             if not req.adjusts:
                 continue
-            p = req.params
-            presence[r], frequency[r], repetition[r] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-            edits: dict[int, float] = dict(p.logit_bias)
+            p, row = req.params, req.row
+            presence[r], frequency[r], repetition[r] = row.presence, row.frequency, row.repetition
+            edits: dict[int, float] = dict(row.logit_bias)
             if s.generated < p.min_tokens:
                 ended_by = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 edits.update(dict.fromkeys(ended_by, BANNED))

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import (
+    Aborted,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
@@ -69,8 +70,11 @@ class FakeEngine:
         self.live: set[str] = set()
         self.cancelled: list[str] = []
         self.finished: list[str] = []
+        self.aborting = False
 
     def generate(self, request: GenerationRequest) -> _FakeStream:
+        if self.aborting:
+            raise Aborted("the server is shutting down")
         if self.max_queue is not None and len(self.live) >= self.max_queue:
             raise QueueFullError(f"{len(self.live)} requests are live (max_queue={self.max_queue})")
         self.requests.append(request)
@@ -80,6 +84,12 @@ class FakeEngine:
 
     def stop(self) -> None:
         """Nothing runs in the background."""
+
+    def open_requests(self) -> int:
+        return len(self.live)
+
+    def abort_all(self) -> None:
+        self.aborting = True
 
     def script(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str = "") -> list[int]:
         """The tokens a request would get, before any stopping rule (eos, stop ids, lengths) cuts them."""
@@ -140,6 +150,10 @@ class _FakeStream:
             raise StopAsyncIteration
         engine, p = self.engine, self.request.params
         await asyncio.sleep(self.engine.delay_s)
+        if engine.aborting:
+            engine._end(self.request.request_id, cancelled=True)
+            self.done = True
+            raise Aborted("the server shut down before this request finished")
         if engine.fail_after is not None and self.outputs >= engine.fail_after:
             engine._end(self.request.request_id, cancelled=False)
             self.done = True

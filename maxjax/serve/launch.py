@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +39,10 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
     state = ServingState(model_name=config.server.served_model_name or model or "SmolLM2-135M-Instruct",
                          model_root=model)
 
+    started = time.perf_counter()
+
     def load(state: ServingState) -> None:
+        parts = _Parts(started)
         import jax
 
         from maxjax.graph.compile_cache import open_store
@@ -48,24 +53,34 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
 
         device = device_spec.select()[0]
         store = open_store(config.compile_cache, device)  # before anything compiles
+        parts.done("start-up and imports")
         resolved = resolve_model(model, revision=revision, quantization_encoding=quantization_encoding)
-        state.model_root = state.model_root or str(resolved.path)
         loaded = load_model(resolved, registry=registry, platform=device.platform)
         if template is not None:
             loaded.tokenizer.set_chat_template(template)
+        parts.done("weights and tokenizer read")
         try:
             core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache,
                                      max_queue=config.server.max_queue_size)
         except ValueError as e:
             raise UserError(str(e)) from None
+        parts.done("weights placed, KV pool reserved")
         shapes = core.grid.all_shapes()
         report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
-        jax.block_until_ready(core.runner.cache)  # the KV pool is zeroed (seconds on CPU) before /health says ready
-        core.runner.load_cached()
         _log_warm_up(report)
+        parts.done(f"{report.compiled} executables compiled" if report.compiled else "compile cache checked")
+        # Ready means ready: every executable deserialized now (on every core), not under the first requests,
+        # and the decode steps, which every request runs, have had their first runs. The KV pool is zeroed by
+        # then where it is not only reserved.
+        core.runner.load_cached(threads=os.cpu_count() or 1, wait=True)
+        parts.done(f"{report.cached} executables loaded")
+        core.first_runs(decode_only=True)
+        jax.block_until_ready(core.runner.cache)
+        parts.done("decode first runs")
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
         state.set_ready(engine, loaded.tokenizer)
+        log.info("ready %.1f s after start: %s", time.perf_counter() - started, parts)
 
     serve(config.server, load, state=state)
 
@@ -98,6 +113,22 @@ def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | Non
     if store is not None:
         log.info("compile cache: %s", store.directory.parent)
     return report
+
+
+class _Parts:
+    """How long each part of start-up took, for the ready line of the log."""
+
+    def __init__(self, since: float) -> None:
+        self._last = since
+        self._parts: list[tuple[str, float]] = []
+
+    def done(self, part: str) -> None:
+        now = time.perf_counter()
+        self._parts.append((part, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{part} {seconds:.1f} s" for part, seconds in self._parts)
 
 
 def _log_warm_up(report: WarmUp) -> None:

@@ -80,12 +80,34 @@ class Engine(Protocol):
     max_model_len: int
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full."""
+        """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full and
+        `RequestRejected` when the request itself cannot run, before anything is queued."""
+        ...
+
+    def open_requests(self) -> int:
+        """Requests submitted and not yet finished or cancelled."""
+        ...
+
+    def abort_all(self) -> None:
+        """End every open request with `Aborted`, and refuse new ones with it (the server is shutting down)."""
         ...
 
     def stop(self) -> None:
         """Finish what the device is doing and stop; called once the HTTP server has shut down."""
         ...
+
+
+class RequestRejected(ValueError):
+    """The engine refused one request when it was submitted: a value outside the range of the step array it
+    goes into, or a request that can never fit. The HTTP layer answers 400; nothing else is affected."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Aborted(Exception):
+    """The engine ended the request before it finished: the server is shutting down."""
 
 
 class QueueFullError(Exception):

@@ -185,12 +185,19 @@ class Scheduler:
         total = min(len(seq.prompt) + seq.max_new_tokens, self.max_length)
         return -(-total // self.page_size)
 
-    def add(self, seq: Sequence) -> bool:
-        """Queue a sequence; False when the queue is full. Raises ValueError when it can never fit."""
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ValueError when the sequence can never run (reads only the scheduler's fixed limits)."""
         if len(seq.prompt) >= self.max_length:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room in max_length {self.max_length}")
         if self.pages_for(seq) > self.pages.num_pages - 1:
-            raise ValueError(f"sequence needs {self.pages_for(seq)} pages; the pool has {self.pages.num_pages - 1}")
+            raise ValueError(
+                f"the request needs {self.pages_for(seq) * self.page_size} tokens of KV cache; the pool holds "
+                f"{(self.pages.num_pages - 1) * self.page_size}: ask for fewer tokens"
+            )
+
+    def add(self, seq: Sequence) -> bool:
+        """Queue a sequence; False when the queue is full. Raises ValueError when it can never fit."""
+        self.check_fits(seq)
         if len(self.waiting) >= self.max_queue:
             return False
         self.waiting.append(seq)

@@ -30,6 +30,7 @@ MAX_N = 16
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63
+INT32_MAX = 2**31 - 1
 
 
 class ApiError(Exception):
@@ -114,11 +115,11 @@ class SamplingRequest(BaseModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # Extensions that users of vLLM / MAX / llama.cpp send (through `extra_body` with the openai client).
-    top_k: int | None = Field(None, ge=-1)
-    """0 or -1: no top-k cut."""
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    """0 or -1: no top-k cut; more than the vocabulary is the whole vocabulary."""
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -139,7 +140,7 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias key {key!r} is not a token id (a non-negative integer string)")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias value {bias} for token {key} is out of range: use -100 to 100")

@@ -5,8 +5,11 @@
 1. Bind host:port first, so a port in use fails at once (a `UserError`), not after minutes of loading.
 2. Start Hypercorn on that socket, and `load(state)` in a daemon thread. Until `load` has filled in the engine and
    tokenizer and called `state.set_ready()` (done for it if it returns without), `/health` and `/v1` answer 503.
-3. Stop on SIGINT/SIGTERM (open streams get `GRACEFUL_TIMEOUT_S` to finish), or when loading fails or the engine
-   calls `state.fatal(message)`: one line goes to the log and `serve` raises `SystemExit(1)`, never hangs.
+3. SIGTERM or Ctrl-C drains (`_drain`): new requests and /health answer 503 with Retry-After, open requests get
+   `--shutdown-timeout` seconds to finish, whatever is still open then ends with a final error event (code
+   `server_shutting_down`), and `serve` returns (exit 0). A second signal stops at once.
+4. When loading fails or the engine calls `state.fatal(message)`: one line goes to the log and `serve` raises
+   `SystemExit(1)`, never hangs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from maxjax.serve.app import ServingState, create_app
 logger = logging.getLogger(__name__)
 
 GRACEFUL_TIMEOUT_S = 5.0
+"""After the drain, what Hypercorn gives open connections to send their last bytes."""
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -57,26 +61,35 @@ def serve(config: ServerConfig, load: Callable[[ServingState], None], *, state: 
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
     host = f"[{config.host}]" if ":" in config.host else config.host
-    failure = asyncio.run(_serve(create_app(config, state), sock, state, load, f"http://{host}:{port}"))
+    failure = asyncio.run(_serve(create_app(config, state), sock, state, load, f"http://{host}:{port}",
+                                 shutdown_timeout=config.shutdown_timeout))
     if failure is not None:
         raise SystemExit(1)
 
 
 async def _serve(
-    app: Quart, sock: socket.socket, state: ServingState, load: Callable[[ServingState], None], url: str
+    app: Quart, sock: socket.socket, state: ServingState, load: Callable[[ServingState], None], url: str,
+    *, shutdown_timeout: float = 30.0,
 ) -> str | None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failures: list[str] = []
+    drains: list[asyncio.Task[None]] = []
 
     def fail(message: str) -> None:  # called from the loader or engine thread
         failures.append(message)
         loop.call_soon_threadsafe(stop.set)
 
+    def on_signal() -> None:
+        if drains or state.engine is None:
+            stop.set()  # a second signal, or nothing to drain yet
+        else:
+            drains.append(loop.create_task(_drain(state, stop, shutdown_timeout)))
+
     state.on_fatal = fail
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     logger.info("listening on %s; loading the model (GET /health answers 200 once it is ready)", url)
     threading.Thread(target=_load, args=(load, state, url), name="maxjax-load", daemon=True).start()
     await run(app, sock, stop)
@@ -84,6 +97,26 @@ async def _serve(
         # The engine thread must not be inside a device call when the interpreter exits (XLA aborts the process).
         await asyncio.to_thread(state.engine.stop)
     return failures[0] if failures else None
+
+
+async def _drain(state: ServingState, stop: asyncio.Event, timeout: float) -> None:
+    """Refuse new requests, give open ones `timeout` seconds, end the rest, then stop the server."""
+    engine = state.engine
+    assert engine is not None
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        logger.info("shutting down: new requests get 503; %d open requests get up to %.0f s to finish",
+                    engine.open_requests(), timeout)
+        while engine.open_requests() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = engine.open_requests()
+        if left:
+            logger.warning("ending %d requests still open after --shutdown-timeout %.0f s", left, timeout)
+            engine.abort_all()
+    finally:
+        stop.set()  # whatever happened above, the server stops
 
 
 def _load(load: Callable[[ServingState], None], state: ServingState, url: str) -> None:
