@@ -1,11 +1,13 @@
-"""Shared fixtures: the real default model, a private maxjax cache, and writers for tiny weight files."""
+"""Shared fixtures: the real default model (and a real server of it), a private maxjax cache, and writers for tiny
+weight files."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from maxjax.errors import UserError
 from maxjax.fetch import default_model_path
 from maxjax.hub import resolve_model
 from maxjax.pipeline import LoadedModel, load_model
+from tests.serve_helpers import RealServer, max_serve, real_server_args
 
 # safetensors dtype name for each NumPy dtype the test writers accept (ml_dtypes' bfloat16 included).
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
@@ -139,3 +142,21 @@ def make_gguf() -> Callable[..., Path]:
 def make_checkpoint() -> Callable[..., Path]:
     """`write_checkpoint` as a fixture, for tests in other modules."""
     return write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def real_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The compile cache of the session's real server, which starts empty: its warm-up compiles the whole grid,
+    so its log shows what compiles and when; other servers with its flags load from here."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="session")
+def real_server(smollm2_gguf: Path, real_compile_cache: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    """`max serve` with the real SmolLM2 model in its own process, for the whole session. It runs with
+    JAX_LOG_COMPILES, so its log shows every XLA compilation."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with max_serve(real_server_args(smollm2_gguf, real_compile_cache), log,
+                   env=dict(os.environ, JAX_LOG_COMPILES="1"), timeout=400) as url:
+        yield RealServer(url, log)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,6 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+import httpx2 as httpx
+import openai
 
 from maxjax.config import ServerConfig
 from maxjax.serve.app import ServingState, create_app
@@ -110,3 +114,47 @@ def max_serve(args: Sequence[str], log: Path, *, env: Mapping[str, str] | None =
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+API_KEY = "test-key-123"
+
+
+def real_server_args(smollm2_gguf: Path, compile_cache: Path) -> list[str]:
+    """The flags of the session's real server (`real_server` in conftest.py): a small grid and pool. Another
+    `max serve` with these flags and this compile cache loads its executables instead of compiling them."""
+    return ["--model", str(smollm2_gguf), "--max-batch-size", "8", "--max-length", "256",
+            "--prefill-chunk-size", "32", "--kv-cache-pages", "200", "--api-key", API_KEY,
+            "--served-model-name", "smollm2", "--compile-cache-dir", str(compile_cache)]
+
+
+@dataclass
+class RealServer:
+    url: str
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def client(self, **kw: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0,
+                             _strict_response_validation=True, **kw)  # type: ignore[arg-type]
+
+    def loose_client(self) -> openai.OpenAI:
+        """For streamed legacy completions: the strict client rejects their `finish_reason: null`, which is
+        what OpenAI itself sends."""
+        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0,
+                                  _strict_response_validation=True, timeout=120)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+    def compile_lines(self) -> list[str]:
+        """The lines JAX_LOG_COMPILES makes JAX write for each compilation."""
+        return [line for line in self.log.read_text().splitlines() if "Compiling " in line]

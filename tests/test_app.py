@@ -589,3 +589,33 @@ def test_serve_loads_in_background_and_stops_on_sigterm(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+# -- shutting down ------------------------------------------------------------------------------------------------
+
+
+def test_a_draining_server_refuses_new_requests_with_503_and_retry_after(tok: Tokenizer) -> None:
+    state = ready_state(make_engine(tok), tok)
+    with running_server(state) as srv:
+        state.draining = True
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+        response = httpx.post(srv.base_url + "/chat/completions", json={"model": MODEL, "messages": USER})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json()["error"]["code"] == "server_shutting_down"
+
+
+def test_streams_ended_at_shutdown_get_a_final_error_event(tok: Tokenizer) -> None:
+    engine = make_engine(tok, delay_s=0.05)
+    with running_server(ready_state(engine, tok)) as srv:
+        with httpx.stream("POST", srv.base_url + "/chat/completions", timeout=30, json={
+                "model": MODEL, "messages": USER, "max_tokens": 200, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            assert engine.open_requests() == 1
+            engine.abort_all()
+            rest = [line for line in lines if line.startswith("data:")]
+        assert json.loads(rest[-1][5:])["error"]["code"] == "server_shutting_down"
+        assert engine.open_requests() == 0
+        refused = httpx.post(srv.base_url + "/completions", json={"model": MODEL, "prompt": "Hi"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"

@@ -166,3 +166,22 @@ def test_loading_keeps_the_newest_builds_and_deletes_older_ones(
     left = sorted(p.name for p in directory.glob("*.so"))
     assert left == sorted([built.path.name, *(p.name for p in stale[-(kernels.KEEP_BUILDS - 1):])])
 
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_reserved_pool_costs_no_memory_until_written(built: kernels.Kernels) -> None:
+    from maxjax.graph.runner import CacheSpec
+
+    spec = CacheSpec(num_layers=4, num_pages=4097, page_size=16, num_kv_heads=4, head_dim=64)  # 2 x 256 MiB
+    before = _rss_bytes()
+    pool = spec.allocate(reserve=True)
+    jax.block_until_ready(pool)
+    assert pool.k.shape == (4, 4097, 4, 64, 16) and pool.v.shape == (4, 4097, 4, 16, 64)
+    assert _rss_bytes() - before < 64 << 20, "a reserved pool must not be filled at allocation"
+    write = jax.jit(lambda c: KVCache(c.k.at[1, 7].set(2.0), c.v.at[1, 7].set(3.0)), donate_argnums=0)
+    pool = write(pool)
+    assert float(pool.k[1, 7, 0, 0, 0]) == 2.0 and float(pool.v[1, 7, 3, 15, 63]) == 3.0
+    assert _rss_bytes() - before < 128 << 20, "writing one page must not fill the pool"

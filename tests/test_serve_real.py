@@ -1,71 +1,24 @@
 """`max serve` with the real SmolLM2 model in a real process on 127.0.0.1, driven by the real `openai` client.
 
-One server for the module (warm-up compiles its whole bucket grid once). It runs with JAX_LOG_COMPILES, so its
+One server for the session (`real_server` in conftest.py; warm-up compiles its whole bucket grid once). It runs with JAX_LOG_COMPILES, so its
 log shows every XLA compilation: the mixed-workload test reads that log to show serving compiles nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx2 as httpx
 import openai
 import pytest
 
-from tests.serve_helpers import max_serve
-
-API_KEY = "test-key-123"
-
-
-@dataclass
-class RealServer:
-    url: str
-    log: Path
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
-
-    def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0,
-                             _strict_response_validation=True, **kw)  # type: ignore[arg-type]
-
-    def loose_client(self) -> openai.OpenAI:
-        """For streamed legacy completions: the strict client rejects their `finish_reason: null`, which is
-        what OpenAI itself sends."""
-        return openai.OpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0)
-
-    def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=API_KEY, max_retries=0,
-                                  _strict_response_validation=True, timeout=120)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        match = re.search(rf"^{name} (\S+)$", text, re.M)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-    def compile_lines(self) -> list[str]:
-        """The lines JAX_LOG_COMPILES makes JAX write for each compilation."""
-        return [line for line in self.log.read_text().splitlines() if "Compiling " in line]
+from tests.serve_helpers import API_KEY, RealServer
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ["--model", str(smollm2_gguf), "--max-batch-size", "8", "--max-length", "256",
-            "--prefill-chunk-size", "32", "--kv-cache-pages", "200", "--api-key", API_KEY,
-            "--served-model-name", "smollm2",
-            # an empty compile cache: warm-up compiles the whole grid, so the log shows what compiles and when
-            "--compile-cache-dir", str(tmp_path_factory.mktemp("compile-cache"))]
-    with max_serve(args, log, env=dict(os.environ, JAX_LOG_COMPILES="1"), timeout=400) as url:
-        yield RealServer(url, log)
+def server(real_server: RealServer) -> RealServer:
+    return real_server
 
 
 def _chat(text: str) -> list[dict[str, str]]:
