@@ -74,8 +74,8 @@ def generate(
                 first = time.perf_counter()
             for token in out.token_ids:
                 ids.append(token)
-                if out.finish_reason == "stop" and token == out.token_ids[-1]:
-                    continue  # the end-of-sequence token is not text
+                if out.stop_token is not None and token == out.token_ids[-1]:
+                    continue  # the token that ended it (end-of-sequence, a stop id) is not text
                 piece = detok.add(token)
                 pieces.append(piece)
                 if stream and piece:

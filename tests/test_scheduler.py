@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from maxjax.graph.buckets import BucketGrid
-from maxjax.serve.scheduler import PageAllocator, Scheduler, Sequence
+from maxjax.serve.protocol import SamplingParams
+from maxjax.serve.request import Request
+from maxjax.serve.scheduler import PageAllocator, Scheduler
 
 
 def make(num_pages: int = 17, batch: int = 4, max_length: int = 64, chunk: int = 16) -> Scheduler:
@@ -13,8 +15,8 @@ def make(num_pages: int = 17, batch: int = 4, max_length: int = 64, chunk: int =
                      chunk_size=chunk, max_queue=3)
 
 
-def seq(name: str, prompt_len: int, new: int) -> Sequence:
-    return Sequence(request_id=name, prompt=list(range(prompt_len)), max_new_tokens=new)
+def seq(name: str, prompt_len: int, new: int) -> Request:
+    return Request(name, list(range(prompt_len)), SamplingParams(max_tokens=new))
 
 
 def run_prefill(s: Scheduler) -> list[tuple[str, int]]:
@@ -151,12 +153,12 @@ def test_cancel_waiting_and_running() -> None:
 
 def test_prefix_pages_are_shared_after_the_first_prompt_is_cached() -> None:
     s = make(num_pages=17, batch=4, max_length=64)
-    first = Sequence("first", prompt=list(range(40)), max_new_tokens=8)  # 48 tokens -> 3 pages
+    first = Request("first", list(range(40)), SamplingParams(max_tokens=8))  # 48 tokens -> 3 pages
     s.add(first)
     while first.in_prefill:
         run_prefill(s)
         s.prefilled(first)
-    second = Sequence("second", prompt=list(range(36)) + [99, 98], max_new_tokens=8)  # same first 36 tokens
+    second = Request("second", list(range(36)) + [99, 98], SamplingParams(max_tokens=8))  # same first 36 tokens
     s.add(second)
     s.plan()
     assert second.prefix_hit == 32 and second.cached == 32, "two full pages shared"
@@ -169,12 +171,12 @@ def test_prefix_pages_are_shared_after_the_first_prompt_is_cached() -> None:
 
 def test_the_page_with_the_last_prompt_token_is_never_shared() -> None:
     s = make(num_pages=17)
-    a = Sequence("a", prompt=list(range(32)), max_new_tokens=4)
+    a = Request("a", list(range(32)), SamplingParams(max_tokens=4))
     s.add(a)
     while a.in_prefill:
         run_prefill(s)
         s.prefilled(a)
-    b = Sequence("b", prompt=list(range(32)), max_new_tokens=4)
+    b = Request("b", list(range(32)), SamplingParams(max_tokens=4))
     s.add(b)
     s.plan()
     assert b.prefix_hit == 16 and b.in_prefill, "the second page holds the last prompt token: recomputed"
@@ -182,19 +184,19 @@ def test_the_page_with_the_last_prompt_token_is_never_shared() -> None:
 
 def test_cached_pages_survive_their_sequence_and_are_evicted_last_used_first() -> None:
     s = make(num_pages=6, batch=1, max_length=80)  # 5 usable pages
-    a = Sequence("a", prompt=list(range(40)), max_new_tokens=8)  # 3 pages, 2 shareable
+    a = Request("a", list(range(40)), SamplingParams(max_tokens=8))  # 3 pages, 2 shareable
     s.add(a)
     while a.in_prefill:
         run_prefill(s)
         s.prefilled(a)
     s.finish(a)
     assert s.pages.in_use == 0 and s.pages.free == 5
-    again = Sequence("again", prompt=list(range(40)), max_new_tokens=8)
+    again = Request("again", list(range(40)), SamplingParams(max_tokens=8))
     s.add(again)
     s.plan()
     assert again.prefix_hit == 32, "pages of a finished request are reused"
     s.finish(again)
-    big = Sequence("big", prompt=[7] * 70, max_new_tokens=10)  # 5 pages: must evict the cached ones
+    big = Request("big", [7] * 70, SamplingParams(max_tokens=10))  # 5 pages: must evict the cached ones
     s.add(big)
     s.plan()
     assert len(big.pages) == 5 and s.pages.lookup(again.hashes or []) == []
@@ -202,12 +204,12 @@ def test_cached_pages_survive_their_sequence_and_are_evicted_last_used_first() -
 
 def test_a_sequence_can_opt_out_of_prefix_reuse() -> None:
     s = make(num_pages=17)
-    a = Sequence("a", prompt=list(range(40)), max_new_tokens=4)
+    a = Request("a", list(range(40)), SamplingParams(max_tokens=4))
     s.add(a)
     while a.in_prefill:
         run_prefill(s)
         s.prefilled(a)
-    b = Sequence("b", prompt=list(range(40)), max_new_tokens=4, reuse_prefix=False)
+    b = Request("b", list(range(40)), SamplingParams(max_tokens=4, prompt_logprobs=0))
     s.add(b)
     s.plan()
     assert b.prefix_hit == 0 and b.cached == 0

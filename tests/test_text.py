@@ -112,15 +112,15 @@ def test_special_and_ending_tokens_stay_out_of_the_text(tok: Tokenizer) -> None:
     eos = next(iter(tok.eos_token_ids))
     ids = tok.encode(" the fox")
     text = ChoiceText(tok)
-    piece = text.add(GenerationOutput((*ids, 1, eos), finish_reason="stop"))
+    piece = text.add(GenerationOutput((*ids, 1, eos), finish_reason="stop", stop_token=eos))
     assert piece.text == " the fox" and piece.token_ids == [*ids, 1, eos]
-    # An ordinary token given as a stop_token_id ends the text without showing itself...
+    # An ordinary token the engine stopped on (a stop_token_id) ends the text without showing itself...
     dot = tok.encode(".")[0]
-    piece = ChoiceText(tok, stop_token_ids=[dot]).add(GenerationOutput((*ids, dot), finish_reason="stop"))
+    piece = ChoiceText(tok).add(GenerationOutput((*ids, dot), finish_reason="stop", stop_token=dot))
     assert piece.text == " the fox"
     # ...unless include_stop_str_in_output asks for it; with ignore_eos the eos is an ordinary (special) token.
-    piece = ChoiceText(tok, stop_token_ids=[dot], include_stop_str_in_output=True).add(
-        GenerationOutput((*ids, dot), finish_reason="stop")
+    piece = ChoiceText(tok, include_stop_str_in_output=True).add(
+        GenerationOutput((*ids, dot), finish_reason="stop", stop_token=dot)
     )
     assert piece.text == " the fox."
 

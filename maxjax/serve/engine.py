@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from maxjax.serve.engine_core import EngineCore
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Aborted, GenerationOutput, GenerationRequest, QueueFullError
-from maxjax.serve.scheduler import Sequence
+from maxjax.serve.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class EngineError(RuntimeError):
 @dataclass
 class _Stream:
     request: GenerationRequest
-    admitted: Sequence
+    admitted: Request
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[GenerationOutput | BaseException] = field(default_factory=asyncio.Queue)
-    seq: Sequence | None = None
+    seq: Request | None = None
     done: bool = False
 
     def deliver(self, item: GenerationOutput | BaseException) -> None:

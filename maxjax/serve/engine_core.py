@@ -8,12 +8,11 @@ server's engine thread (`serve/engine.py`) drives it in a loop.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -32,14 +31,14 @@ from maxjax.graph.sampling import (
 )
 from maxjax.pipeline import LoadedModel
 from maxjax.serve.protocol import (
-    FinishReason,
     GenerationOutput,
     GenerationRequest,
     RequestRejected,
     SamplingParams,
     TokenLogprob,
 )
-from maxjax.serve.scheduler import Scheduler, Sequence
+from maxjax.serve.request import Request, check_stop
+from maxjax.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +61,7 @@ class _Row:
     logit_bias: dict[int, float]
 
 
-@dataclass
-class _Request:
-    params: SamplingParams
-    row: _Row
-    generated_counts: collections.Counter[int] = field(default_factory=collections.Counter)
-    prompt_tokens: tuple[int, ...] = ()
-    """Distinct prompt tokens, most recent first (repetition penalty only)."""
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    """Filled chunk by chunk during prefill when the request asked for them."""
-
-    @property
-    def adjusts(self) -> bool:
-        p = self.params
-        return bool(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty
-                    or p.repetition_penalty != 1.0)
-
-
-def admit(request: GenerationRequest, vocab_size: int) -> _Request:
+def admit(request: GenerationRequest, vocab_size: int) -> Request:
     """The one place where what a request carries becomes step inputs: every value is checked against the range
     of the array it goes into (token ids against the vocabulary and int32, top_k capped at the vocabulary, the
     seed folded into the key's 32 bits) and converted here, so building a step never raises for a request.
@@ -120,10 +102,16 @@ def admit(request: GenerationRequest, vocab_size: int) -> _Request:
         repetition=number("repetition_penalty", p.repetition_penalty, 0.0, 10.0, lo_open=True),
         logit_bias={t: float(number("logit_bias", b, -100.0, 100.0)) for t, b in p.logit_bias.items()},
     )
-    req = _Request(params=p, row=row)
+    req = Request(request.request_id, list(request.prompt_ids), p, row=row)
     if p.repetition_penalty != 1.0:
         req.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
     return req
+
+
+def _adjusts(p: SamplingParams) -> bool:
+    """Whether the request edits its logits (penalties, biases, bans), so its rows need the adjustment slots."""
+    return bool(p.logit_bias or p.min_tokens or p.presence_penalty or p.frequency_penalty
+                or p.repetition_penalty != 1.0)
 
 
 class EngineCore:
@@ -168,27 +156,21 @@ class EngineCore:
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
 
-    def admit(self, request: GenerationRequest) -> Sequence:
-        """Check and convert a request (`admit`) into a sequence the scheduler can take. Touches no engine state,
-        so the HTTP side may call it from its own thread; raises `RequestRejected`."""
-        seq = Sequence(
-            request_id=request.request_id,
-            prompt=list(request.prompt_ids),
-            max_new_tokens=request.params.max_tokens,
-            payload=admit(request, self.runner.vocab_size),
-            reuse_prefix=request.params.prompt_logprobs is None,
-        )
+    def admit(self, request: GenerationRequest) -> Request:
+        """Check and convert a request (`admit`) into one the scheduler can take. Touches no engine state, so the
+        HTTP side may call it from its own thread; raises `RequestRejected`."""
+        seq = admit(request, self.runner.vocab_size)
         try:
             self.scheduler.check_fits(seq)
         except ValueError as e:
             raise RequestRejected(str(e), param="max_tokens") from None
         return seq
 
-    def queue(self, seq: Sequence) -> bool:
+    def queue(self, seq: Request) -> bool:
         """Queue an admitted sequence; False when the queue is full."""
         return self.scheduler.add(seq)
 
-    def add(self, request: GenerationRequest) -> Sequence | None:
+    def add(self, request: GenerationRequest) -> Request | None:
         """`admit` and `queue` in one (max generate, tests); None when the queue is full."""
         seq = self.admit(request)
         return seq if self.queue(seq) else None
@@ -209,13 +191,15 @@ class EngineCore:
         self.runner.first_run(shape)
         return True
 
-    def cancel(self, seq: Sequence) -> None:
+    def cancel(self, seq: Request) -> None:
+        seq.abort()
         self.scheduler.finish(seq)
 
-    def step(self) -> list[tuple[Sequence, GenerationOutput]]:
-        """Run one iteration; returns the outputs produced, finished sequences already removed."""
+    def step(self) -> list[tuple[Request, GenerationOutput]]:
+        """Run one iteration: schedule -> run -> postprocess. Returns the outputs produced; requests that
+        finished have left the scheduler."""
         plan = self.scheduler.plan()
-        results: list[tuple[Sequence, GenerationOutput]] = []
+        results: list[tuple[Request, GenerationOutput]] = []
         if plan.empty:
             return results
         prefill_out, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
@@ -223,23 +207,18 @@ class EngineCore:
         # Fetch both results in one transfer, after both steps were dispatched.
         prefill_host, scores, decode_host = jax.device_get((prefill_out, scores, decode_out))
         for row, (seq, n) in enumerate(plan.prefill):
-            if scores is not None:  # a sequence that wants prompt logprobs is prefilled alone
+            if scores is not None:  # a request that wants prompt logprobs is prefilled alone
                 self._add_prompt_logprobs(seq, scores, n)
-            seq.cached += n
-            self.scheduler.prefilled(seq)
-            if not seq.in_prefill:
+            if seq.cached + n == len(seq.prompt):  # its last prompt chunk: the step sampled its first token
                 results.append((seq, self._append(seq, prefill_host, row)))
         for row, seq in enumerate(plan.decode):
-            seq.cached += 1
             results.append((seq, self._append(seq, decode_host, row)))
-        for seq, out in results:
-            if out.finish_reason is not None:
-                self.scheduler.finish(seq)
+        self.scheduler.update(plan)
         return results
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _page_table(self, seqs: list[Sequence], rows: int) -> np.ndarray:
+    def _page_table(self, seqs: list[Request], rows: int) -> np.ndarray:
         """Pages covering each row's cached past, `max_pages` wide (page 0 beyond)."""
         table = np.zeros((rows, self.grid.max_pages), np.int32)
         for r, s in enumerate(seqs):
@@ -247,10 +226,10 @@ class EngineCore:
             table[r, :n] = s.pages[:n]
         return table
 
-    def _slot(self, seq: Sequence, position: int) -> int:
+    def _slot(self, seq: Request, position: int) -> int:
         return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
 
-    def _sampling(self, seqs: list[Sequence], rows: int, positions: list[int]) -> SamplingArrays:
+    def _sampling(self, seqs: list[Request], rows: int, positions: list[int]) -> SamplingArrays:
         temperature = np.zeros(rows, np.float32)
         top_p = np.ones(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
@@ -258,12 +237,12 @@ class EngineCore:
         seed = np.zeros(rows, np.uint32)
         position = np.zeros(rows, np.int32)
         for r, s in enumerate(seqs):
-            row: _Row = s.payload.row
+            row: _Row = s.row
             temperature[r], top_p[r], top_k[r], min_p[r] = row.temperature, row.top_p, row.top_k, row.min_p
             seed[r], position[r] = row.seed, positions[r]
         return SamplingArrays(temperature, top_p, top_k, min_p, seed, position)
 
-    def _adjustments(self, seqs: list[Sequence], rows: int) -> LogitAdjustments:
+    def _adjustments(self, seqs: list[Request], rows: int) -> LogitAdjustments:
         vocab = self.runner.vocab_size
         ids = np.full((rows, ADJUST_SLOTS), vocab, np.int32)
         count = np.zeros((rows, ADJUST_SLOTS), np.float32)
@@ -272,20 +251,19 @@ class EngineCore:
         presence = np.zeros(rows, np.float32)
         frequency = np.zeros(rows, np.float32)
         repetition = np.ones(rows, np.float32)
-        for r, s in enumerate(seqs):
-            req: _Request = s.payload
-            if not req.adjusts:
+        for r, req in enumerate(seqs):
+            if not _adjusts(req.params):
                 continue
             p, row = req.params, req.row
             presence[r], frequency[r], repetition[r] = row.presence, row.frequency, row.repetition
             edits: dict[int, float] = dict(row.logit_bias)
-            if s.generated < p.min_tokens:
+            if req.generated < p.min_tokens:
                 ended_by = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
                 edits.update(dict.fromkeys(ended_by, BANNED))
             slots = list(edits)
             if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
                 # The most recently generated distinct tokens first, then the prompt's, as room allows.
-                recent = dict.fromkeys(reversed(s.tokens[len(s.prompt):]))
+                recent = dict.fromkeys(reversed(req.tokens[len(req.prompt):]))
                 slots += [t for t in recent if t not in edits]
                 if p.repetition_penalty != 1.0:
                     slots += [t for t in req.prompt_tokens if t not in edits and t not in recent]
@@ -293,13 +271,13 @@ class EngineCore:
             n = len(slots)
             ids[r, :n] = slots
             bias[r, :n] = [edits.get(t, 0.0) for t in slots]
-            count[r, :n] = [req.generated_counts.get(t, 0) for t in slots]
+            count[r, :n] = [req.counts.get(t, 0) for t in slots]
             if p.repetition_penalty != 1.0:
-                context = set(s.tokens)
+                context = set(req.tokens)
                 seen[r, :n] = [t in context for t in slots]
         return LogitAdjustments(ids, count, seen, bias, presence, frequency, repetition)
 
-    def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[SampleOutput, PromptScores | None]:
+    def _run_prefill(self, chunks: list[tuple[Request, int]]) -> tuple[SampleOutput, PromptScores | None]:
         shape = self.grid.prefill_bucket(len(chunks), max(n for _, n in chunks))
         assert shape is not None, "the scheduler plans only prefill steps the grid holds"
         rows, width = shape
@@ -324,7 +302,7 @@ class EngineCore:
         )
         out, hidden = self.runner.step(inputs)
         seq, n = chunks[0]
-        if seq.payload.params.prompt_logprobs is None:
+        if seq.params.prompt_logprobs is None:
             return out, None  # (a sequence that wants them is the step's only row)
         # Position p's logits score prompt token p + 1; the chunk's last position scores the first output
         # token instead, which is not part of the prompt.
@@ -333,8 +311,8 @@ class EngineCore:
         targets[0, : len(nxt)] = nxt
         return out, self.runner.score(hidden, targets)
 
-    def _add_prompt_logprobs(self, seq: Sequence, scores: PromptScores, n: int) -> None:
-        req: _Request = seq.payload
+    def _add_prompt_logprobs(self, seq: Request, scores: PromptScores, n: int) -> None:
+        req = seq
         k = req.params.prompt_logprobs or 0
         count = min(n, len(seq.prompt) - 1 - seq.cached)
         for i in range(count):
@@ -343,7 +321,7 @@ class EngineCore:
                 TokenLogprob(token_id=seq.prompt[seq.cached + i + 1], logprob=float(scores.logprobs[0, i]), top=top)
             )
 
-    def _run_decode(self, seqs: list[Sequence]) -> SampleOutput:
+    def _run_decode(self, seqs: list[Request]) -> SampleOutput:
         rows = self.grid.batch_bucket(len(seqs))
         tokens = np.zeros((rows, 1), np.int32)
         past_len = np.zeros(rows, np.int32)
@@ -365,13 +343,12 @@ class EngineCore:
 
     # --------------------------------------------------------------------------------- postprocess
 
-    def _append(self, seq: Sequence, out: SampleOutput, row: int) -> GenerationOutput:
-        req: _Request = seq.payload
-        params = req.params
+    def _append(self, seq: Request, out: SampleOutput, row: int) -> GenerationOutput:
+        params = seq.params
         token = int(out.tokens[row])
         seq.tokens.append(token)
-        if req.adjusts:
-            req.generated_counts[token] += 1
+        if _adjusts(params):
+            seq.counts[token] += 1
         logprobs = None
         if params.logprobs is not None:
             k = params.logprobs
@@ -379,14 +356,7 @@ class EngineCore:
             logprobs = (TokenLogprob(token_id=token, logprob=float(out.logprobs[row]), top=top),)
         prompt_logprobs = None
         if params.prompt_logprobs is not None and seq.generated == 1:
-            prompt_logprobs = (None, *req.prompt_logprobs)
+            prompt_logprobs = (None, *seq.prompt_logprobs)
+        reason = check_stop(seq, eos_token_ids=self.eos_token_ids, max_length=self.scheduler.max_length)
         return GenerationOutput(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                finish_reason=self._finish(seq, token))
-
-    def _finish(self, seq: Sequence, token: int) -> FinishReason | None:
-        params: SamplingParams = seq.payload.params
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
-            return "stop"
-        if seq.generated >= seq.max_new_tokens or len(seq.tokens) >= self.scheduler.max_length:
-            return "length"
-        return None
+                                finish_reason=reason, stop_token=seq.stop_token)

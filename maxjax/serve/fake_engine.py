@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import (
     Aborted,
-    FinishReason,
     GenerationOutput,
     GenerationRequest,
     QueueFullError,
     SamplingParams,
     TokenLogprob,
 )
+from maxjax.serve.request import Request, check_stop
 
 
 class FakeEngine:
@@ -136,8 +136,7 @@ class _FakeStream:
         p = request.params
         self.tokens = engine.script(request.prompt_ids, p, request.request_id)
         self.rng = engine._rng(request.prompt_ids, p, request.request_id + "/logprobs")
-        self.limit = min(p.max_tokens, engine.max_model_len - len(request.prompt_ids))
-        self.stop_ids = frozenset(p.stop_token_ids)
+        self.state = Request(request.request_id, list(request.prompt_ids), p)
         self.generated = 0
         self.outputs = 0
         self.done = False
@@ -159,20 +158,17 @@ class _FakeStream:
             self.done = True
             raise RuntimeError("the fake engine failed, as asked")
         ids: list[int] = []
-        finish: FinishReason | None = None
-        while len(ids) < engine.tokens_per_step and finish is None:
+        while len(ids) < engine.tokens_per_step and not self.state.finished:
             n = self.generated
-            may_stop = n >= p.min_tokens
-            if engine.eos_after is not None and n == engine.eos_after and may_stop and not p.ignore_eos:
+            if engine.eos_after is not None and n == engine.eos_after and n >= p.min_tokens and not p.ignore_eos:
                 token = engine.eos_token_id
             else:
                 token = self.tokens[n] if n < len(self.tokens) else engine.pool[0]
             ids.append(token)
             self.generated += 1
-            if (token == engine.eos_token_id and not p.ignore_eos) or (token in self.stop_ids and may_stop):
-                finish = "stop"
-            elif self.generated >= self.limit:
-                finish = "length"
+            self.state.tokens.append(token)
+            check_stop(self.state, eos_token_ids=frozenset({engine.eos_token_id}), max_length=engine.max_model_len)
+        finish = self.state.finish_reason
         logprobs = None
         if p.logprobs is not None:
             logprobs = tuple(engine._logprob(self.rng, t, p.logprobs) for t in ids)
@@ -184,7 +180,7 @@ class _FakeStream:
         if finish is not None:
             self.done = True
             engine._end(self.request.request_id, cancelled=False)
-        return GenerationOutput(tuple(ids), logprobs, prompt_logprobs, finish)
+        return GenerationOutput(tuple(ids), logprobs, prompt_logprobs, finish, self.state.stop_token)
 
     async def aclose(self) -> None:
         if not self.done:

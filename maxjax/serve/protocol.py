@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort"]
+"""Why a request ended: a stop or end-of-sequence token (or a stop string, on the HTTP side), its length limit,
+a tool call (to come), or cancelled (`abort`, never sent to a client)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class GenerationOutput:
     """Only on the first output, when asked: one entry per prompt token, None for the first."""
     finish_reason: FinishReason | None = None
     """Set on the last output of a request: 'stop' (an end-of-sequence or stop token id) or 'length'."""
+    stop_token: int | None = None
+    """With 'stop': the stop or end-of-sequence token that ended it (its text is not part of the answer unless
+    `include_stop_str_in_output`)."""
 
 
 class Engine(Protocol):

@@ -13,6 +13,9 @@ are registered; a later request whose prompt starts with the same pages shares t
 ever written into a full prompt page again) and prefills only the rest. The page holding a prompt's last
 token is never shared, so every prompt runs at least one token of prefill and gets its own logits.
 
+Requests are `serve/request.Request`s; the scheduler alone changes their bookkeeping fields (`cached`, `pages`,
+the prefix-cache ones): `plan()` before a step, `update(plan)` after it.
+
 Each engine iteration asks for one `Plan`: one prefill step and one decode step for every sequence that has
 its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
 prompts, as many rows as make it cover the most tokens (requests that arrive together are prefilled together);
@@ -25,10 +28,9 @@ from __future__ import annotations
 import collections
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-PageHash = bytes
+from maxjax.serve.request import PageHash, Request, Status
 
 
 class PageAllocator:
@@ -116,47 +118,12 @@ def prefix_hashes(tokens: list[int], page_size: int, pages: int) -> list[PageHas
     return out
 
 
-@dataclass
-class Sequence:
-    """One request's tokens and cache pages, as the scheduler tracks them."""
-
-    request_id: str
-    prompt: list[int]
-    max_new_tokens: int
-    payload: Any = None
-    """Whatever the engine attaches (sampling parameters, the output channel)."""
-    tokens: list[int] = field(default_factory=list)
-    """Prompt followed by the generated tokens."""
-    cached: int = 0
-    """Tokens whose keys and values are in the cache."""
-    pages: list[int] = field(default_factory=list)
-    prefix_hit: int = 0
-    """Prompt tokens found in the prefix cache at admission."""
-    registered: int = 0
-    """Full prompt pages already registered in the prefix table."""
-    hashes: list[PageHash] | None = None
-    """Chained hashes of the shareable prompt pages, computed once."""
-    reuse_prefix: bool = True
-    """False when every prompt position must be computed (prompt logprobs); such a sequence is prefilled alone."""
-
-    def __post_init__(self) -> None:
-        self.tokens = list(self.prompt)
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - len(self.prompt)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.cached < len(self.prompt)
-
-
 @dataclass(frozen=True)
 class Plan:
-    prefill: list[tuple[Sequence, int]]
+    prefill: list[tuple[Request, int]]
     """The sequences whose next prompt chunk runs this step, each with how many prompt tokens it covers."""
-    decode: list[Sequence]
-    """Sequences that decode one token this step."""
+    decode: list[Request]
+    """Requests that decode one token this step."""
 
     @property
     def empty(self) -> bool:
@@ -177,15 +144,15 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefix_caching = prefix_caching
         self.prefill_width = prefill_width or (lambda rows: chunk_size if rows == 1 else 0)
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
 
-    def pages_for(self, seq: Sequence) -> int:
+    def pages_for(self, seq: Request) -> int:
         """Pages a sequence needs for its whole possible length."""
         total = min(len(seq.prompt) + seq.max_new_tokens, self.max_length)
         return -(-total // self.page_size)
 
-    def check_fits(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Request) -> None:
         """Raise ValueError when the sequence can never run (reads only the scheduler's fixed limits)."""
         if len(seq.prompt) >= self.max_length:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room in max_length {self.max_length}")
@@ -195,7 +162,7 @@ class Scheduler:
                 f"{(self.pages.num_pages - 1) * self.page_size}: ask for fewer tokens"
             )
 
-    def add(self, seq: Sequence) -> bool:
+    def add(self, seq: Request) -> bool:
         """Queue a sequence; False when the queue is full. Raises ValueError when it can never fit."""
         self.check_fits(seq)
         if len(self.waiting) >= self.max_queue:
@@ -203,11 +170,11 @@ class Scheduler:
         self.waiting.append(seq)
         return True
 
-    def _shareable_pages(self, seq: Sequence) -> int:
+    def _shareable_pages(self, seq: Request) -> int:
         """Full prompt pages before the one holding the last prompt token."""
         return (len(seq.prompt) - 1) // self.page_size if self.prefix_caching else 0
 
-    def _hashes(self, seq: Sequence) -> list[PageHash]:
+    def _hashes(self, seq: Request) -> list[PageHash]:
         if seq.hashes is None:
             seq.hashes = prefix_hashes(seq.prompt, self.page_size, self._shareable_pages(seq))
         return seq.hashes
@@ -224,9 +191,10 @@ class Scheduler:
             seq.pages = hits + self.pages.allocate(need)
             seq.cached = seq.prefix_hit = len(hits) * self.page_size
             seq.registered = len(hits)
+            seq.status = Status.RUNNING
             self.running.append(seq)
 
-    def prefilled(self, seq: Sequence) -> None:
+    def prefilled(self, seq: Request) -> None:
         """Register the prompt pages that are now complete in the cache, for later requests to share."""
         if not self.prefix_caching:
             return
@@ -242,11 +210,11 @@ class Scheduler:
         decode = [s for s in self.running if not s.in_prefill]
         return Plan(prefill=prefill, decode=decode)
 
-    def _plan_prefill(self, waiting: list[Sequence]) -> list[tuple[Sequence, int]]:
+    def _plan_prefill(self, waiting: list[Request]) -> list[tuple[Request, int]]:
         """The oldest sequences still reading their prompts, as many as make the prefill step cover the most
         prompt tokens: more rows mean shorter chunks each (rows x chunk is bounded), and a row whose prompt is
         longer than its chunk goes on in a later step."""
-        best: list[tuple[Sequence, int]] = []
+        best: list[tuple[Request, int]] = []
         best_tokens = 0
         for rows in range(1, len(waiting) + 1):
             if rows > 1 and not (waiting[0].reuse_prefix and waiting[rows - 1].reuse_prefix):
@@ -260,8 +228,20 @@ class Scheduler:
                 best, best_tokens = chunks, tokens
         return best
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (done, cancelled or failed) and release its pages, wherever it is."""
+    def update(self, plan: Plan) -> None:
+        """After the step that ran `plan` (and the engine appended what it sampled): what the step cached is
+        cached, prompt pages complete by then are registered for sharing, and requests that finished leave."""
+        for seq, n in plan.prefill:
+            seq.cached += n
+            self.prefilled(seq)
+        for seq in plan.decode:
+            seq.cached += 1
+        for seq in [*(s for s, _ in plan.prefill), *plan.decode]:
+            if seq.finished:
+                self.finish(seq)
+
+    def finish(self, seq: Request) -> None:
+        """Remove a request (done, cancelled or failed) and release its pages, wherever it is."""
         if seq in self.running:
             self.running.remove(seq)
             self.pages.release(seq.pages)

@@ -18,7 +18,7 @@ but it is counted in usage and has its logprob, as with vLLM.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,8 +127,6 @@ class ChoiceText:
         *,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
-        stop_token_ids: Iterable[int] = (),
-        ignore_eos: bool = False,
         offset: int = 0,
     ) -> None:
         """`offset`: characters already in front of this choice's text (the echoed prompt), for `text_offset`."""
@@ -137,7 +135,6 @@ class ChoiceText:
         self.detok = tokenizer.detokenizer(continuation=True)
         self.matcher = StopMatcher(stop, include_stop=include_stop_str_in_output)
         self.include_stop = include_stop_str_in_output
-        self.ending_ids = frozenset(stop_token_ids) | (frozenset() if ignore_eos else tokenizer.eos_token_ids)
         self.chars = offset
         """Characters detokenized so far (shown or held), plus the echo offset."""
         self.finished = False
@@ -149,8 +146,6 @@ class ChoiceText:
             tokenizer,
             stop=request.stop or (),
             include_stop_str_in_output=bool(request.include_stop_str_in_output),
-            stop_token_ids=request.stop_token_ids or (),
-            ignore_eos=bool(request.ignore_eos),
             offset=offset,
         )
 
@@ -164,7 +159,7 @@ class ChoiceText:
                 piece.logprobs.append(output.logprobs[i])
             piece.offsets.append(self.chars)
             is_last = i == len(ids) - 1
-            ended_by_token = is_last and output.finish_reason == "stop" and token in self.ending_ids
+            ended_by_token = is_last and output.stop_token == token  # the engine decided that (request.check_stop)
             if self.tokenizer.is_special(token) or (ended_by_token and not self.include_stop):
                 continue
             new = self.detok.add(token)

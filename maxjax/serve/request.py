@@ -1,0 +1,113 @@
+"""The engine's request: one object from admission to the end, and the one rule that says it stopped.
+
+A `Request` carries what the client asked for (`params`, the prompt), what it has produced (`tokens`, the
+per-token `counts` penalties read), where it stands (`status`, `finish_reason`), a slot for per-request logit
+state (a grammar matcher, later), and the scheduler's bookkeeping (`cached`, `pages`, prefix-cache fields),
+which only the scheduler changes. Pure Python: the scheduler and its tests use it without JAX.
+
+`check_stop` is the only place that decides a request finished by what it generated; cancelling sets
+`abort` (`Request.abort`). The HTTP side keeps only stop strings, which need the text.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from maxjax.serve.protocol import FinishReason, SamplingParams, TokenLogprob
+
+PageHash = bytes
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    """Queued: no batch row or pages yet."""
+    RUNNING = "running"
+    """Holds a batch row and the pages for its whole possible length."""
+    FINISHED = "finished"
+    """Done (`finish_reason` says why); the scheduler releases it at the next `update`."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One request as the engine and the scheduler track it (compared by identity)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    row: Any = None
+    """The request's values converted into the step arrays' types (`engine_core.admit` sets it)."""
+    tokens: list[int] = field(default_factory=list)
+    """Prompt followed by the generated tokens."""
+    counts: collections.Counter[int] = field(default_factory=collections.Counter)
+    """Times each token was generated (kept only when penalties or bans read them)."""
+    prompt_tokens: tuple[int, ...] = ()
+    """Distinct prompt tokens, most recent first (repetition penalty only)."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Filled chunk by chunk during prefill when the request asked for them."""
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    stop_token: int | None = None
+    """The stop or end-of-sequence token that ended the request, when one did."""
+    logit_state: Any = None
+    """Per-request state the logits depend on beyond the arrays (a grammar matcher); None for plain requests."""
+    # The scheduler's bookkeeping (serve/scheduler.py changes these, nothing else does).
+    cached: int = 0
+    """Tokens whose keys and values are in the cache."""
+    pages: list[int] = field(default_factory=list)
+    prefix_hit: int = 0
+    """Prompt tokens found in the prefix cache at admission."""
+    registered: int = 0
+    """Full prompt pages already registered in the prefix table."""
+    hashes: list[PageHash] | None = None
+    """Chained hashes of the shareable prompt pages, computed once."""
+    reuse_prefix: bool = field(init=False)
+    """False when every prompt position must be computed (prompt logprobs); such a request is prefilled alone."""
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+        self.reuse_prefix = self.params.prompt_logprobs is None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.cached < len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: FinishReason, stop_token: int | None = None) -> None:
+        self.status, self.finish_reason, self.stop_token = Status.FINISHED, reason, stop_token
+
+    def abort(self) -> None:
+        """Cancelled (the client went away, a stop string matched, the server is shutting down)."""
+        if not self.finished:
+            self.finish("abort")
+
+
+def check_stop(request: Request, *, eos_token_ids: frozenset[int], max_length: int) -> FinishReason | None:
+    """Whether the request's newest token ended it, and why; sets its status and finish reason when it did.
+
+    - `stop`: the token is one of `stop_token_ids`, or an end-of-sequence token (unless `ignore_eos`), and at
+      least `min_tokens` were generated (the sampler bans those tokens before that; this holds either way).
+    - `length`: `max_tokens` generated, or the sequence reached `max_length` (the context).
+    """
+    p = request.params
+    token = request.tokens[-1]
+    if request.generated >= p.min_tokens and (
+        token in p.stop_token_ids or (token in eos_token_ids and not p.ignore_eos)
+    ):
+        request.finish("stop", token)
+    elif request.generated >= p.max_tokens or len(request.tokens) >= max_length:
+        request.finish("length")
+    return request.finish_reason
