@@ -469,16 +469,16 @@ def test_disconnect_while_waiting_for_a_whole_answer(tok: Tokenizer) -> None:
 
 def test_a_body_never_sent_still_frees_the_rows(tok: Tokenizer) -> None:
     """The client can leave between the headers and the first byte of a stream: the generator that would have
-    closed the engine requests never starts, so the runner closes them when it is dropped."""
+    closed the engine requests never starts, so the runner closes them when it has not started in time."""
     engine = make_engine(tok)
 
     async def main() -> None:
         request = GenerationRequest("r-0", (1, 2), SamplingParams(max_tokens=50))
-        runner = ChoiceRunner(engine, [Choice(0, request, ChoiceText(tok))], Metrics(), arrived=0.0)
+        runner = ChoiceRunner(engine, [Choice(0, request, ChoiceText(tok))], Metrics(), arrived=0.0,
+                              unstarted_timeout=0.05)
         await runner.start()
         assert engine.live == {"r-0"}
-        del runner
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
 
     asyncio.run(main())
     assert engine.cancelled == ["r-0"] and not engine.live

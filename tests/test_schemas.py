@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from maxjax.serve.errors import ApiError
 from maxjax.serve.schemas import (
     MAX_N,
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_request,

@@ -51,16 +51,23 @@ from werkzeug.exceptions import HTTPException
 import maxjax
 from maxjax.config import ServerConfig
 from maxjax.serve.chat import create_chat_completion
-from maxjax.serve.choices import internal_error, json_response, model_error, shutting_down
+from maxjax.serve.choices import json_response
 from maxjax.serve.completions import create_completion
+from maxjax.serve.errors import (
+    LOADING_RETRY_AFTER_S,
+    ApiError,
+    internal_error,
+    loading,
+    model_error,
+    shutting_down,
+)
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine
-from maxjax.serve.schemas import ApiError, ModelCard
+from maxjax.serve.schemas import ModelCard
 from maxjax.serve.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-LOADING_RETRY_AFTER_S = "5"
 
 
 @dataclass
@@ -109,7 +116,7 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
     def serving() -> tuple[Engine, TextTokenizer]:
         engine, tokenizer = state.engine, state.tokenizer
         if not state.ready or engine is None or tokenizer is None:
-            raise _loading()
+            raise loading()
         return engine, tokenizer
 
     @app.before_request
@@ -215,16 +222,6 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
 
 def _arrived() -> float:
     return float(g.get("arrived", time.perf_counter()))
-
-
-def _loading() -> ApiError:
-    return ApiError(
-        "The model is still loading; retry shortly.",
-        status=503,
-        type="server_error",
-        code="model_loading",
-        headers={"Retry-After": LOADING_RETRY_AFTER_S},
-    )
 
 
 def _reject_constant(name: str) -> Any:

@@ -37,9 +37,10 @@ from maxjax.serve.choices import (
     token_budget,
     usage,
 )
+from maxjax.serve.errors import ApiError
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine, GenerationRequest, TokenLogprob
-from maxjax.serve.schemas import ApiError, ChatCompletionRequest, parse_request
+from maxjax.serve.schemas import ChatCompletionRequest, parse_request
 from maxjax.serve.text import ChoiceText, TextTokenizer, chat_logprobs
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,9 @@ is the same whether or not other prompts or choices ride along). `ChoiceRunner`:
    yields them merged in arrival order as `Update`s. A choice whose stop string matched has its engine iterator
    closed at once (the engine frees its row).
 3. However `updates()` ends - finished, an error, or the client went away (Quart closes the response generator,
-   which cancels the tasks) - every engine iterator is closed before it returns.
+   which cancels the tasks) - every engine iterator is closed before it returns. A runner whose `updates()`
+   never starts (the client left before the first byte of a stream) is closed by a timer after
+   `UNSTARTED_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 from quart import Response
 
+from maxjax.serve.errors import ApiError, internal_error, model_error, queue_full, shutting_down
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import (
     Aborted,
@@ -36,12 +39,11 @@ from maxjax.serve.protocol import (
     RequestRejected,
     TokenLogprob,
 )
-from maxjax.serve.schemas import ApiError, Usage
+from maxjax.serve.schemas import Usage
 from maxjax.serve.text import ChoiceText, Piece
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_S = "1"
 
 
 def new_id(prefix: str) -> str:
@@ -108,16 +110,6 @@ def stream_error(exc: BaseException) -> bytes:
     return sse(exc.body())
 
 
-def internal_error(exc: BaseException) -> ApiError:
-    return ApiError(f"The server failed to finish this request: {type(exc).__name__}: {exc}", status=500, type="server_error")
-
-
-def shutting_down(reason: str = "the server is shutting down") -> ApiError:
-    """503 with Retry-After: the server is draining (new requests) or ended this one at the shutdown timeout."""
-    return ApiError(f"The server is shutting down: {reason}. Retry against another instance or later.",
-                    status=503, type="server_error", code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S})
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return {
         "prompt_tokens": prompt_tokens,
@@ -148,8 +140,13 @@ class _Failed:
         self.exc = exc
 
 
+UNSTARTED_TIMEOUT_S = 10.0
+"""How long submitted engine requests wait for `ChoiceRunner.updates()` before they are closed."""
+
+
 class ChoiceRunner:
-    def __init__(self, engine: Engine, choices: Sequence[Choice], metrics: Metrics, *, arrived: float) -> None:
+    def __init__(self, engine: Engine, choices: Sequence[Choice], metrics: Metrics, *, arrived: float,
+                 unstarted_timeout: float = UNSTARTED_TIMEOUT_S) -> None:
         """`arrived`: `time.perf_counter()` when the request came in (time to first token counts from there)."""
         self.engine = engine
         self.choices = list(choices)
@@ -158,17 +155,17 @@ class ChoiceRunner:
         self.iterators: list[AsyncIterator[GenerationOutput]] = []
         self.completion_tokens = 0
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def __del__(self) -> None:
-        # A streamed response whose body never started (the client left between the headers and the first
-        # byte) never runs `updates()`: close its engine requests anyway, or their rows would generate for no one.
-        if self.iterators and not self._closed and self._loop is not None and not self._loop.is_closed():
-            iterators = list(self.iterators)
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_aclose_all(iterators)))
+        self.unstarted_timeout = unstarted_timeout
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+        """The watchdog's close, referenced until it is done."""
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        # A streamed response whose body never starts (the client left between the headers and the first byte)
+        # never runs `updates()`: close its engine requests after a while anyway, or their rows would generate
+        # for no one. `updates()` starts within microseconds of the headers when the client is there.
+        self._watchdog = loop.call_later(self.unstarted_timeout, self._close_if_unstarted)
         try:
             for choice in self.choices:
                 self.iterators.append(self.engine.generate(choice.request))
@@ -180,18 +177,21 @@ class ChoiceRunner:
             raise shutting_down(str(exc)) from None
         except QueueFullError as exc:
             await self.close()
-            raise ApiError(
-                "The server is busy: too many requests are waiting. Retry shortly.",
-                status=429,
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": RETRY_AFTER_S},
-            ) from exc
+            raise queue_full() from exc
         self.metrics.count_tokens(prompt=sum(len(c.request.prompt_ids) for c in self.choices))
 
     async def close(self) -> None:
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await _aclose_all(self.iterators)
+
+    def _close_if_unstarted(self) -> None:
+        if not self._closed:
+            logger.info("closing %d engine requests whose response body never started", len(self.iterators))
+            task = asyncio.ensure_future(self.close())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def updates(self) -> AsyncGenerator[Update, None]:
         queue: asyncio.Queue[Update | _Failed | None] = asyncio.Queue()
@@ -201,6 +201,8 @@ class ChoiceRunner:
         ]
         running = len(tasks)
         self._closed = True  # from here on the tasks own the iterators and close them
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             while running:
                 item = await queue.get()
@@ -262,12 +264,6 @@ async def _aclose(it: AsyncIterator[Any]) -> None:
         await aclose()
     except Exception:
         logger.exception("closing an engine iterator failed")
-
-
-def model_error(model: str) -> ApiError:
-    return ApiError(
-        f"The model '{model}' does not exist.", status=404, param="model", code="model_not_found"
-    )
 
 
 def check_model(requested: str | None, served: str) -> None:

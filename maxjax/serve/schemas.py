@@ -1,15 +1,12 @@
 """The OpenAI request bodies as pydantic models, and the shapes of what we send back.
 
-(Past 400 lines on purpose: it is one flat list of field declarations with their ranges, the wire contract in
-one place; splitting requests from responses would separate each field from the shape it comes back in.)
-
 A request body goes through three gates, each of which answers 400 with an OpenAI error object naming the field:
 
 1. `json.loads` (app.py): malformed JSON, NaN/Infinity literals, a body that is not an object.
 2. `ChatCompletionRequest` / `CompletionRequest.model_validate`: types and ranges, field by field. Models are
    `strict` (no "0.5" for 0.5, no `true` for 1) and `extra="forbid"`: an unknown top-level field is a 400, as on
    OpenAI's own API and MAX (the policy is written out in app.py's docstring). `ValidationError`s become an
-   `ApiError` through `validation_error`.
+   `ApiError` through `errors.validation_error`.
 3. `.check(vocab_size)`: rules that span fields or need the tokenizer (logit_bias ids, stop_token_ids, token-id
    prompts, `stream_options` without `stream`, tools), raising `ApiError` directly.
 
@@ -23,6 +20,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from maxjax.serve.errors import ApiError, validation_error
 from maxjax.serve.protocol import SamplingParams
 
 MAX_N = 16
@@ -31,55 +29,6 @@ MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63
 INT32_MAX = 2**31 - 1
-
-
-class ApiError(Exception):
-    """An error the client gets back as `{"error": {message, type, param, code}}` with an HTTP status."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> ErrorBody:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _param_name(loc: tuple[int | str, ...]) -> str | None:
-    """('messages', 0, 'content') -> 'messages[0].content'."""
-    name = ""
-    for part in loc:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
-
-
-def validation_error(exc: ValidationError) -> ApiError:
-    """The first pydantic error as an OpenAI-style 400 (clients show one message; the first is the useful one)."""
-    err = exc.errors(include_url=False)[0]
-    param = _param_name(tuple(err["loc"]))
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
-    elif kind == "missing":
-        message = f"Missing required parameter: '{param}'."
-    elif kind == "value_error":
-        message = msg.removeprefix("Value error, ")
-    else:
-        message = f"Invalid value for '{param}': {msg}."
-    return ApiError(message, param=param)
 
 
 class StreamOptions(BaseModel):
@@ -371,17 +320,6 @@ def parse_request(model: type[_R], body: dict[str, Any], *, vocab_size: int) -> 
 
 
 # -- what goes back ------------------------------------------------------------------------------------------
-
-
-class ErrorDetail(TypedDict):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(TypedDict):
-    error: ErrorDetail
 
 
 class Usage(TypedDict):
