@@ -117,7 +117,7 @@ def _flat(state: nnx.State) -> list[tuple[str, Any]]:
 
 
 def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
-    from maxjax.tokenizer import load_gguf_tokenizer
+    from maxjax.tokenizer_gguf import load_gguf_tokenizer
     from maxjax.weights.gguf import GGUFFile
 
     file = GGUFFile(resolved.path)

@@ -22,7 +22,7 @@ import safetensors.numpy
 
 from maxjax.errors import UserError
 from maxjax.registry import default_registry
-from maxjax.tokenizer import load_gguf_tokenizer
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
 from maxjax.weights.gguf import GGUFFile
 
 

@@ -22,8 +22,9 @@ import openai
 
 from maxjax.config import ServerConfig
 from maxjax.serve.app import ServingState, create_app
-from maxjax.serve.server import bind, run
-from maxjax.tokenizer import Tokenizer, load_gguf_tokenizer
+from maxjax.serve.http_server import bind, run
+from maxjax.tokenizer import Tokenizer
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
 from maxjax.weights.gguf import read_metadata
 
 WORDS = " the quick brown fox jumps over a lazy dog, and then the cat sat on the mat."

@@ -525,7 +525,7 @@ SERVE_SCRIPT = """
 import sys, time
 from maxjax.config import ServerConfig
 from maxjax.errors import UserError
-from maxjax.serve.server import serve
+from maxjax.serve.http_server import serve
 
 class Tok:
     vocab_size = 10
@@ -551,7 +551,7 @@ serve(ServerConfig(host="127.0.0.1", port=int(sys.argv[1]), served_model_name="m
 
 
 def start_serve(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
-    from maxjax.serve.server import bind
+    from maxjax.serve.http_server import bind
 
     sock = bind("127.0.0.1", 0)  # find a free port, then let the child take it
     port = sock.getsockname()[1]

@@ -17,7 +17,8 @@ import pytest
 
 from maxjax.generate import GenerateResult, generate
 from maxjax.serve.protocol import SamplingParams
-from maxjax.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from maxjax.tokenizer import Tokenizer, load_hf_tokenizer
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
 from maxjax.weights.gguf import read_metadata
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ import pytest
 
 from maxjax.chat_template import ChatTemplateError
 from maxjax.errors import UserError
-from maxjax.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from maxjax.tokenizer import Tokenizer, load_hf_tokenizer
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
 from maxjax.weights.gguf import read_metadata
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from maxjax.models.llama import gguf_name_to_hf, permute_qk
-from maxjax.tokenizer import load_gguf_tokenizer
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
 
 CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],

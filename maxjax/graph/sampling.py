@@ -17,12 +17,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from maxjax.serve.protocol import LOGPROB_FLOOR
+
 CANDIDATES = 256
 """Tokens considered when sampling with temperature > 0."""
 TOP_LOGPROBS = 20
 """Alternatives returned with every sampled token (OpenAI allows up to 20)."""
-LOGPROB_FLOOR = -9999.0
-"""Logprobs are clamped here: -inf is not JSON."""
 ADJUST_SLOTS = 512
 """Tokens per row whose logits a request can adjust in one step: its logit_bias entries, the tokens it may not
 yet end on (min_tokens), and the tokens penalties apply to (the most recent distinct ones, when there are more)."""

@@ -3,7 +3,7 @@
 `EngineCore.step()` asks the scheduler for a plan, turns it into bucketed NumPy batches (one prefill chunk, one
 decode batch), runs them on the device through the `ModelRunner`, and appends the sampled tokens to their
 sequences, reporting what each request got and whether it finished. `max generate` drives it directly; the
-server's engine thread (`serve/engine.py`) drives it in a loop.
+server's engine thread (`serve/async_engine.py`) drives it in a loop.
 """
 
 from __future__ import annotations

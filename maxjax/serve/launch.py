@@ -19,7 +19,7 @@ from maxjax.devices import DeviceSpec
 from maxjax.errors import UserError
 from maxjax.registry import Registry
 from maxjax.serve.app import ServingState
-from maxjax.serve.server import serve
+from maxjax.serve.http_server import serve
 
 if TYPE_CHECKING:
     from maxjax.graph.runner import WarmUp
@@ -48,7 +48,7 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         from maxjax.graph.compile_cache import open_store
         from maxjax.hub import resolve_model
         from maxjax.pipeline import load_model
-        from maxjax.serve.engine import AsyncEngine
+        from maxjax.serve.async_engine import AsyncEngine
         from maxjax.serve.engine_core import EngineCore
 
         device = device_spec.select()[0]

@@ -13,6 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+LOGPROB_FLOOR = -9999.0
+"""The lowest logprob that crosses this boundary: the graphs clamp to it and so does the HTTP side (for engines
+that do not); -inf and NaN are not JSON, and OpenAI itself reports -9999 for 'never'."""
+
 FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 """Why a request ended: a stop or end-of-sequence token (or a stop string, on the HTTP side), its length limit,
 a tool call (to come), or cancelled (`abort`, never sent to a client)."""

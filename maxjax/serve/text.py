@@ -22,11 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from maxjax.serve.protocol import FinishReason, GenerationOutput, TokenLogprob
+from maxjax.serve.protocol import LOGPROB_FLOOR, FinishReason, GenerationOutput, TokenLogprob
 from maxjax.serve.schemas import ChatTokenLogprob, CompletionLogprobs, SamplingRequest, TopLogprob
-
-LOGPROB_FLOOR = -9999.0
-"""What -inf and NaN logprobs become: JSON has no infinities, and OpenAI itself reports -9999 for 'never'."""
 
 
 def finite_logprob(value: float) -> float:

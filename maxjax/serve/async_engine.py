@@ -16,7 +16,7 @@ The life of a request:
    sequence and frees its batch row and KV pages.
 4. With nothing to serve, the thread gives each executable of the grid its first run, one per idle moment
    (the first run of an XLA:CPU executable costs 0.3-0.5 s extra; requests should not pay it).
-5. Shutting down (`serve/server.py`): `open_requests()` tells the server when the last stream finished;
+5. Shutting down (`serve/http_server.py`): `open_requests()` tells the server when the last stream finished;
    `abort_all()` ends whatever is still open then with `Aborted`, and refuses new requests with it.
 6. What one request carries can fail only that request: admission is where its values become step inputs, and
    an unexpected error while queueing one request goes to that request alone. If a step itself raises, no
