@@ -5,14 +5,18 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from maxjax.config import KVCacheConfig, SchedulerConfig
+from maxjax.config import CompileCacheConfig, KVCacheConfig, PipelineConfig, SchedulerConfig
 from maxjax.devices import DeviceSpec
 from maxjax.errors import UserError
 from maxjax.hub import resolve_model
-from maxjax.pipeline import build_model, open_checkpoint
+from maxjax.pipeline import open_checkpoint
 from maxjax.registry import Registry
 from maxjax.serve.protocol import GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from maxjax.graph.buckets import BucketGrid
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,11 @@ def generate(
     checkpoint = open_checkpoint(
         resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
     )
-    from maxjax.serve.engine_core import EngineCore
+    from maxjax.serve.launch import build_engine
     from maxjax.serve.protocol import RequestRejected
 
     device = spec.select()[0]
-    loaded = build_model(checkpoint, platform=device.platform)
-    tok = loaded.tokenizer
+    tok = checkpoint.tokenizer
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         prompt_ids = tok.encode(text)
@@ -47,18 +50,22 @@ def generate(
         prompt_ids = tok.encode(prompt, add_special_tokens=True)
     if not prompt_ids:
         prompt_ids = [tok.bos_token_id if tok.bos_token_id is not None else 0]
-    max_length = len(prompt_ids) + params.max_tokens
-    core = EngineCore.create(
-        loaded, device, SchedulerConfig(max_batch_size=1, max_length=max(max_length, 16)),
-        KVCacheConfig(num_pages=-(-max(max_length, 16) // 16) + 1),
+    max_length = max(len(prompt_ids) + params.max_tokens, 16)
+    config = PipelineConfig(
+        scheduler=SchedulerConfig(max_batch_size=1, max_length=max_length),
+        kv_cache=KVCacheConfig(num_pages=-(-max_length // 16) + 1),
+        compile_cache=CompileCacheConfig(enabled=False),  # one-off shapes: keep them out of the server's cache
     )
-    # Compile the buckets this request will use before the clock starts (the server compiles its whole grid).
-    grid = core.grid
-    shapes = {(1, grid.chunk_bucket(min(len(prompt_ids), grid.prefill_chunk)), grid.max_pages),
-              (1, 1, grid.max_pages)}
-    if len(prompt_ids) > grid.prefill_chunk:
-        shapes.add((1, grid.prefill_chunk, grid.max_pages))
-    core.runner.warm_up(sorted(shapes))
+
+    def used(grid: BucketGrid) -> list[tuple[int, int, int]]:
+        """The buckets this request will use, compiled before the clock starts (the server compiles its grid)."""
+        shapes = {(1, grid.chunk_bucket(min(len(prompt_ids), grid.prefill_chunk)), grid.max_pages),
+                  (1, 1, grid.max_pages)}
+        if len(prompt_ids) > grid.prefill_chunk:
+            shapes.add((1, grid.prefill_chunk, grid.max_pages))
+        return sorted(shapes)
+
+    core, _ = build_engine(checkpoint, device, config, shapes=used)
     try:
         core.add(GenerationRequest("generate", tuple(prompt_ids), params))
     except RequestRejected as e:

@@ -40,6 +40,15 @@ class BucketGrid:
     """Pages one row can hold: ceil(max_length / page_size); the width of every page table."""
     page_size: int = 16
 
+    @classmethod
+    def for_limits(cls, *, max_batch_size: int, max_length: int, prefill_chunk_size: int,
+                   page_size: int) -> BucketGrid:
+        """The grid for these limits: chunks no longer than the longest sequence needs (16 at least), page tables
+        as wide as `max_length`."""
+        chunk = min(prefill_chunk_size, 1 << (max_length - 1).bit_length())
+        return cls(max_batch_size=max_batch_size, prefill_chunk=max(chunk, 16),
+                   max_pages=-(-max_length // page_size), page_size=page_size)
+
     @property
     def batch_sizes(self) -> list[int]:
         return _powers_of_two(1, self.max_batch_size)

@@ -130,7 +130,6 @@ class EngineCore:
         """Place the weights, size the KV pool from what is left, and set up the bucket grid."""
         cfg = loaded.config
         max_length = min(scheduler.max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        pages_per_row = -(-max_length // kv.page_size)
         spec = CacheSpec(cfg.num_layers, 2, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.model))
         pool = plan_pool(
@@ -140,9 +139,8 @@ class EngineCore:
         )
         num_pages = pool.num_pages
         spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
-        chunk = min(scheduler.prefill_chunk_size, 1 << (max_length - 1).bit_length())
-        grid = BucketGrid(max_batch_size=scheduler.max_batch_size, prefill_chunk=max(chunk, 16),
-                          max_pages=pages_per_row, page_size=kv.page_size)
+        grid = BucketGrid.for_limits(max_batch_size=scheduler.max_batch_size, max_length=max_length,
+                                     prefill_chunk_size=scheduler.prefill_chunk_size, page_size=kv.page_size)
         runner = ModelRunner(loaded.model, spec, grid, device)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB%s; %s); weights %.0f MiB",

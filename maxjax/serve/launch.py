@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,12 @@ from maxjax.serve.app import ServingState
 from maxjax.serve.http_server import serve
 
 if TYPE_CHECKING:
+    import jax
+
+    from maxjax.graph.buckets import BucketGrid
     from maxjax.graph.runner import WarmUp
+    from maxjax.pipeline import Checkpoint
+    from maxjax.serve.engine_core import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +50,19 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         parts = _Parts(started)
         import jax
 
-        from maxjax.graph.compile_cache import open_store
         from maxjax.hub import resolve_model
-        from maxjax.pipeline import load_model
+        from maxjax.pipeline import open_checkpoint
         from maxjax.serve.async_engine import AsyncEngine
-        from maxjax.serve.engine_core import EngineCore
 
         device = device_spec.select()[0]
-        store = open_store(config.compile_cache, device)  # before anything compiles
         parts.done("start-up and imports")
-        resolved = resolve_model(model, revision=revision, quantization_encoding=quantization_encoding)
-        loaded = load_model(resolved, registry=registry, platform=device.platform)
+        checkpoint = open_checkpoint(
+            resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
+        )
         if template is not None:
-            loaded.tokenizer.set_chat_template(template)
-        parts.done("weights and tokenizer read")
-        try:
-            core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache,
-                                     max_queue=config.server.max_queue_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        parts.done("weights placed, KV pool reserved")
-        shapes = core.grid.all_shapes()
-        report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
-        _log_warm_up(report)
-        parts.done(f"{report.compiled} executables compiled" if report.compiled else "compile cache checked")
+            checkpoint.tokenizer.set_chat_template(template)
+        core, report = build_engine(checkpoint, device, config, max_queue=config.server.max_queue_size,
+                                    parts=parts)
         # Ready means ready: every executable deserialized now (on every core), not under the first requests,
         # and the decode steps, which every request runs, have had their first runs. The KV pool is zeroed by
         # then where it is not only reserved.
@@ -79,7 +73,7 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         parts.done("decode first runs")
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
-        state.set_ready(engine, loaded.tokenizer)
+        state.set_ready(engine, checkpoint.tokenizer)
         log.info("ready %.1f s after start: %s", time.perf_counter() - started, parts)
 
     serve(config.server, load, state=state)
@@ -91,28 +85,48 @@ def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | Non
     """`max warm-cache`: compile into the compile cache every executable `max serve` with the same flags needs,
     without serving; what is already cached is only checked."""
     from maxjax.custom import registry_with
-    from maxjax.graph.compile_cache import open_store
+    from maxjax.graph.compile_cache import default_dir
     from maxjax.hub import resolve_model
-    from maxjax.pipeline import load_model
-    from maxjax.serve.engine_core import EngineCore
+    from maxjax.pipeline import open_checkpoint
 
     if not config.compile_cache.enabled:
         raise UserError("max warm-cache fills the compile cache: drop --no-compile-cache")
     registry = registry_with(custom_architectures)
     device = DeviceSpec.parse(devices).select()[0]
-    store = open_store(config.compile_cache, device)
-    loaded = load_model(resolve_model(model, revision=revision, quantization_encoding=quantization_encoding),
-                        registry=registry, platform=device.platform)
+    checkpoint = open_checkpoint(
+        resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
+    )
+    _, report = build_engine(checkpoint, device, config)
+    log.info("compile cache: %s", config.compile_cache.directory or default_dir())
+    return report
+
+
+def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineConfig, *, max_queue: int = 1 << 30,
+                 shapes: Callable[[BucketGrid], list[tuple[int, int, int]]] | None = None,
+                 parts: _Parts | None = None) -> tuple[EngineCore, WarmUp]:
+    """The one path from an opened checkpoint to an engine whose executables are ready (compiled, or found in
+    the compile cache): build the model for the device, place it, plan the KV pool and the grid, and warm up
+    every bucket of the grid (or those `shapes(grid)` names). `max serve`, `max warm-cache` and `max generate` all come here."""
+    from maxjax.graph.compile_cache import open_store
+    from maxjax.pipeline import build_model
+    from maxjax.serve.engine_core import EngineCore
+
+    store = open_store(config.compile_cache, device)  # before anything compiles
+    loaded = build_model(checkpoint, platform=device.platform)
+    if parts is not None:
+        parts.done("weights and tokenizer read")
     try:
-        core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache)
+        core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache, max_queue=max_queue)
     except ValueError as e:
         raise UserError(str(e)) from None
-    shapes = core.grid.all_shapes()
-    report = core.runner.warm_up(shapes, progress=_progress(len(shapes)), store=store)
+    if parts is not None:
+        parts.done("weights placed, KV pool reserved")
+    todo = shapes(core.grid) if shapes is not None else core.grid.all_shapes()
+    report = core.runner.warm_up(todo, progress=_progress(len(todo)), store=store)
     _log_warm_up(report)
-    if store is not None:
-        log.info("compile cache: %s", store.directory.parent)
-    return report
+    if parts is not None:
+        parts.done(f"{report.compiled} executables compiled" if report.compiled else "compile cache checked")
+    return core, report
 
 
 class _Parts:
