@@ -12,6 +12,7 @@ measures them on all cores (best of 5), so the numbers can be read against the r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -23,6 +24,7 @@ from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
 from maxjax.graph.sampling import ADJUST_SLOTS, LogitAdjustments, SamplingArrays
 from maxjax.hub import resolve_model
+from maxjax.models.backend import backend_for
 from maxjax.pipeline import load_model
 
 
@@ -101,12 +103,12 @@ def main() -> None:
                       page_size=args.page_size)
     spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
                      loaded.dtype)
-    runner = ModelRunner(loaded.model, spec, grid)
+    backend = backend_for(jax.devices()[0].platform, loaded.dtype)
     if args.xla_attention:
-        runner.target = runner.target._replace(cpu_kernels=False)
+        backend = dataclasses.replace(backend, past_kernel=False)
+    runner = ModelRunner(loaded.model, spec, grid, backend=backend)
     print(f"device {jax.devices()[0]}, dtype {jnp.dtype(loaded.dtype).name}, context {args.context} tokens, "
-          f"page size {args.page_size}, CPU kernels: {runner.kernels.path.name if runner.kernels else 'none'}"
-          f"{' (attention: XLA)' if args.xla_attention else ''}")
+          f"page size {args.page_size}, {backend}")
     for rows in args.batch:
         bucket = grid.batch_bucket(rows)
         pages = grid.max_pages

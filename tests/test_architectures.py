@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maxjax import kernels
 from maxjax.errors import UserError
 from maxjax.graph.runner import CacheSpec
 from maxjax.hub import resolve_model
+from maxjax.models.backend import backend_for
 from maxjax.models.config import TransformerConfig
-from maxjax.models.layers import KVCache, pack_for_cpu_kernel, tracing_for, write_kv
+from maxjax.models.layers import KVCache, use_backend, write_kv
 from maxjax.pipeline import LoadedModel, load_model
 from maxjax.registry import Registry, default_registry
 from tests.gguf_writer import Q, write_gguf
@@ -50,14 +50,13 @@ def reference(family: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return json.loads((folder / "reference.json").read_text()), {k: arrays[k] for k in arrays.files}
 
 
-@nnx.jit(static_argnums=5)
-def _step(model: Any, tokens: jax.Array, cache: KVCache, pages: jax.Array, past_len: jax.Array,
-          cpu_kernels: bool) -> tuple[jax.Array, ...]:
+@nnx.jit
+def _step(model: Any, tokens: jax.Array, cache: KVCache, pages: jax.Array,
+          past_len: jax.Array) -> tuple[jax.Array, ...]:
     """One prefill chunk or decode step: logits [T, V] and the chunk's keys and values. Module-level, so that
     tests of one configuration (a family's broken copies, its GGUF storage types) share its compiles."""
-    with tracing_for("cpu", cpu_kernels):
-        hidden, new_k, new_v = model.forward(tokens, cache, pages, past_len)
-        return model.logits(hidden)[0], new_k, new_v
+    hidden, new_k, new_v = model.forward(tokens, cache, pages, past_len)
+    return model.logits(hidden)[0], new_k, new_v
 
 
 def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> np.ndarray:
@@ -69,15 +68,13 @@ def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> 
     n_pages = -(-len(tokens) // PAGE_SIZE) + 1
     cache = CacheSpec(cfg.num_layers, n_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=loaded.dtype).allocate()
     pages = np.arange(1, n_pages, dtype=np.int32)  # page 0 is the scratch page
-    built = kernels.load()
-    if built is not None:
-        pack_for_cpu_kernel(loaded.model, built.panel)
+    use_backend(loaded.model, backend_for("cpu", loaded.dtype))
 
     out, start = [], 0
     for n in [*chunks, *[1] * (len(tokens) - sum(chunks))]:
         positions = np.arange(start, start + n)
         logits, new_k, new_v = _step(loaded.model, tokens[None, start : start + n], cache, pages[None],
-                                     np.array([start], np.int32), built is not None)
+                                     np.array([start], np.int32))
         out.append(np.asarray(logits))
         slots = pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
         cache = write_kv(cache, new_k, new_v, slots[None])

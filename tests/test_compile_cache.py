@@ -285,6 +285,37 @@ def test_model_signature_tells_dtypes_apart_but_not_weight_values() -> None:
     assert model_signature(f32, state) != model_signature(bf16, state16)
 
 
+def test_model_signature_tells_backends_apart() -> None:
+    """A model's backend (weight layouts, attention over the past) is part of its structure, so of every key: each
+    change of it changes the signature, even one that leaves every weight's shape as it is; the same backend gives
+    the same signature whether the model was built on it or moved onto it."""
+    import dataclasses
+
+    from flax import nnx
+
+    from maxjax.hub import resolve_model
+    from maxjax.models.backend import Backend, CpuPanels, XlaCpuForms
+    from maxjax.models.layers import use_backend
+    from maxjax.pipeline import load_model
+
+    def signature(model: nnx.Module) -> str:
+        return model_signature(model, nnx.split(model)[1])
+
+    loaded = load_model(resolve_model(str(LLAMA)), platform="cpu")
+    model = loaded.model
+    backends = [Backend(), Backend(XlaCpuForms()), Backend(XlaCpuForms(), past_kernel=True),
+                Backend(CpuPanels(16), past_kernel=True), Backend(CpuPanels(32), past_kernel=True)]
+    signatures = []
+    for backend in backends:
+        moved = nnx.clone(model)
+        use_backend(moved, backend)
+        built = nnx.eval_shape(lambda backend=backend: type(model)(loaded.config, loaded.dtype, backend))
+        assert signature(moved) == signature(built), backend
+        signatures.append(signature(moved))
+    assert len(set(signatures)) == len(backends)
+    assert dataclasses.replace(backends[3]) == backends[3] and hash(backends[3]) == hash(Backend(CpuPanels(16), True))
+
+
 def test_a_memory_bound_pool_rounds_to_whole_sequences_so_warm_starts_still_hit() -> None:
     from maxjax.graph.memory import plan_kv_pages
 

@@ -15,15 +15,8 @@ import pytest
 from flax import nnx
 
 from maxjax import kernels
-from maxjax.models.layers import (
-    AttentionBatch,
-    Embedding,
-    KVCache,
-    Linear,
-    pack_for_cpu_kernel,
-    paged_attention,
-    tracing_for,
-)
+from maxjax.models.backend import CpuPanels
+from maxjax.models.layers import AttentionBatch, Embedding, KVCache, Linear, paged_attention
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +56,11 @@ def test_leading_axes_and_linear(built: kernels.Kernels) -> None:
     layer.bias.set_value(jnp.asarray(rng.standard_normal(40), jnp.float32))  # type: ignore[union-attr]
     x = jnp.asarray(rng.standard_normal((3, 5, 24)), jnp.float32)
     expected = np.asarray(layer(x))
-    assert pack_for_cpu_kernel(layer, built.panel) == 1
-    assert layer.kernel[...].shape == (-(-40 // built.panel), 24, built.panel)
-    assert pack_for_cpu_kernel(layer, built.panel) == 0  # already packed: left alone
+    layer.use_layout(CpuPanels(built.panel))
+    packed = layer.kernel[...]
+    assert packed.shape == (-(-40 // built.panel), 24, built.panel)
+    layer.use_layout(CpuPanels(built.panel))
+    assert layer.kernel[...] is packed  # already packed: left alone
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(layer, x)), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +74,7 @@ def test_packed_embedding_looks_up_and_attends_as_the_table(built: kernels.Kerne
     tokens = jnp.asarray([[0, vocab - 1, built.panel], [7, built.panel - 1, 3 * built.panel]], jnp.int32)
     hidden = jnp.asarray(rng.standard_normal((2, 3, dim)), jnp.float32)
     rows, logits = np.asarray(embed(tokens)), np.asarray(embed.attend(hidden))
-    assert pack_for_cpu_kernel(embed, built.panel) == 1
+    embed.use_layout(CpuPanels(built.panel))
     assert embed.weight[...].shape == (4, dim, built.panel)
     packed_rows, packed_logits = nnx.jit(lambda m, t, h: (m(t), m.attend(h)))(embed, tokens, hidden)
     np.testing.assert_array_equal(np.asarray(packed_rows), rows)
@@ -88,8 +83,7 @@ def test_packed_embedding_looks_up_and_attends_as_the_table(built: kernels.Kerne
 
 
 def test_graph_calls_the_kernel(built: kernels.Kernels) -> None:
-    layer = Linear(16, 32)
-    pack_for_cpu_kernel(layer, built.panel)
+    layer = Linear(16, 32, layout=CpuPanels(built.panel))
     text = nnx.jit(lambda m, x: m(x)).lower(layer, jnp.ones((8, 16))).as_text()
     assert kernels.TARGET in text
 
@@ -131,9 +125,8 @@ def test_paged_attention_kernel_matches_xla(built: kernels.Kernels, t: int, wind
 
     def attend(cpu_kernels: bool) -> np.ndarray:
         def f(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, batch: AttentionBatch) -> jax.Array:
-            with tracing_for("cpu", cpu_kernels):
-                return paged_attention(q, k_new, v_new, cache, 1, batch, scale=0.3, sliding_window=window,
-                                       softcap=softcap)
+            return paged_attention(q, k_new, v_new, cache, 1, batch, scale=0.3, sliding_window=window,
+                                   softcap=softcap, past_kernel=cpu_kernels)
         lowered = jax.jit(f).lower(q, k_new, v_new, cache, batch)
         assert (kernels.ATTENTION_TARGET in lowered.as_text()) == cpu_kernels
         return np.asarray(lowered.compile()(q, k_new, v_new, cache, batch))

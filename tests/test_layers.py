@@ -1,4 +1,5 @@
-"""`project`'s per-platform forms: the same products, and the form each row count and platform gets."""
+"""The float layouts' forms (`models/backend.py`): the same products, and the form each row count and platform
+gets (XLA's CPU forms on "cpu", its generic forms on "gpu")."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxjax.models.layers import REDUCE_MAX_ROWS, project, tracing_for
+from maxjax.models.backend import REDUCE_MAX_ROWS, XlaCpuForms, XlaMatmul
+
+LAYOUTS = {"cpu": XlaCpuForms(), "gpu": XlaMatmul()}
 
 
 def traced(platform: str) -> Any:
     def run(x: jax.Array, w: jax.Array) -> jax.Array:
-        with tracing_for(platform):
-            return project(x, w)
+        return LAYOUTS[platform].apply(x, w, w.shape[0])
 
     return jax.jit(run)
 

@@ -36,17 +36,10 @@ from maxjax.graph.sampling import (
     adjust_logits,
     sample,
 )
-from maxjax.models.layers import KVCache, pack_for_cpu_kernel, tracing_for, write_kv
+from maxjax.models.backend import Backend, backend_for
+from maxjax.models.layers import KVCache, use_backend, write_kv
 
 log = logging.getLogger(__name__)
-
-
-class Target(NamedTuple):
-    """What a graph is traced for (a static argument of the jitted cores): the device's platform, and whether
-    maxjax's CPU kernels (maxjax/kernels) are loaded."""
-
-    platform: str
-    cpu_kernels: bool
 
 
 class StepInputs(NamedTuple):
@@ -93,12 +86,11 @@ class CacheSpec:
 
 
 def _step(
-    graphdef: nnx.GraphDef, treedef: Any, target: Target, params: list[jax.Array], cache: KVCache, inputs: StepInputs
+    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, inputs: StepInputs
 ) -> tuple[KVCache, SampleOutput, jax.Array]:
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    with tracing_for(*target):
-        hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
-        raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
+    hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
+    raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
     # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
     # An optimization barrier does not count as a dependency there; arithmetic does (nothing exceeds +inf,
@@ -108,12 +100,11 @@ def _step(
     return cache, sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw), hidden
 
 
-def _score(graphdef: nnx.GraphDef, treedef: Any, target: Target, params: list[jax.Array], hidden: jax.Array,
+def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
            targets: jax.Array) -> PromptScores:
     """Logprobs of `targets` [1, T] (each position's next prompt token) from a prefill's hidden states."""
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    with tracing_for(*target):
-        logits = model.logits(hidden)  # [1, T, V]
+    logits = model.logits(hidden)  # [1, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
     top, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
@@ -173,17 +164,21 @@ class WarmUp:
 
 
 class ModelRunner:
-    """Holds the split model, the KV pools and one compiled executable per bucket."""
+    """Holds the split model, the KV pools and one compiled executable per bucket.
 
-    def __init__(self, model: nnx.Module, cache_spec: CacheSpec, grid: BucketGrid, device: jax.Device | None = None):
+    The model is put on `backend` (default: `backend_for` the device and the pool's dtype) in place before it is
+    split: its weight layouts and attention are then part of the graph definition every executable is traced
+    from and keyed by.
+    """
+
+    def __init__(self, model: nnx.Module, cache_spec: CacheSpec, grid: BucketGrid, device: jax.Device | None = None,
+                 *, backend: Backend | None = None):
         self.device = device or jax.devices()[0]
         self.grid = grid
         self.cache_spec = cache_spec
-        self.kernels = kernels.load() if self.device.platform == "cpu" else None
-        self.target = Target(self.device.platform, self.kernels is not None)
-        if self.kernels is not None:
-            packed = pack_for_cpu_kernel(model, self.kernels.panel)
-            log.debug("packed %d projection weights for the CPU kernel", packed)
+        self.backend = backend or backend_for(self.device.platform, cache_spec.dtype)
+        use_backend(model, self.backend)
+        log.debug("model on %s", self.backend)
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.state = jax.device_put(state, self.device)
@@ -192,7 +187,7 @@ class ModelRunner:
         # the pool is only reserved: it costs nothing at start and becomes resident as it is written. Otherwise
         # it is zeroed on a thread of its own (on CPU, seconds per GiB of first-touch page faults), which
         # warm-up overlaps; `cache` waits for it.
-        self.lazy_pool = self.kernels is not None and jnp.dtype(cache_spec.dtype) == jnp.float32
+        self.lazy_pool = self.backend.past_kernel
         sharding = jax.sharding.SingleDeviceSharding(self.device)
         self._cache_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                          jax.eval_shape(lambda: cache_spec.allocate(self.device)))
@@ -201,9 +196,9 @@ class ModelRunner:
         self._allocation = pool.submit(cache_spec.allocate, self.device, reserve=self.lazy_pool)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = model.embed.vocab_size, model.embed.dim  # type: ignore[attr-defined]
-        self._jitted = jax.jit(_step, static_argnums=(0, 1, 2), donate_argnums=4)
+        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3)
         self._compiled: dict[tuple[int, int, int], Any] = {}
-        self._score = jax.jit(_score, static_argnums=(0, 1, 2))
+        self._score = jax.jit(_score, static_argnums=(0, 1))
         self._compiled_score: dict[int, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
@@ -225,7 +220,7 @@ class ModelRunner:
         self._cache = value
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self._treedef, self.target, self._params,
+        return self._jitted.lower(self.graphdef, self._treedef, self._params,
                                   self._cache_avals, abstract_inputs(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
@@ -362,7 +357,7 @@ class ModelRunner:
 
     def _lower_score(self, width: int) -> Any:
         hidden = jax.ShapeDtypeStruct((1, width, self.hidden_size), self.cache_spec.dtype)
-        return self._score.lower(self.graphdef, self._treedef, self.target, self._params, hidden,
+        return self._score.lower(self.graphdef, self._treedef, self._params, hidden,
                                  jax.ShapeDtypeStruct((1, width), jnp.int32))
 
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax.models import gguf_common
+from maxjax.models.backend import AS_LOADED, Backend
 from maxjax.models.config import TransformerConfig, text_config_of
 from maxjax.models.layers import (
     AttentionBatch,
@@ -75,21 +76,23 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
 
 
 class Gemma3DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype):
+    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype, backend: Backend):
         d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.backend = backend
+        layout = backend.weights
 
         def norm(dim: int) -> RMSNorm:
             return RMSNorm(dim, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype)
 
         self.input_norm = norm(d)
-        self.qkv = Linear(d, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype)
+        self.qkv = Linear(d, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype, layout=layout)
         self.q_norm = norm(e)
         self.k_norm = norm(e)
-        self.o = Linear(h * e, d, dtype=dtype)
+        self.o = Linear(h * e, d, dtype=dtype, layout=layout)
         self.post_attn_norm = norm(d)
         self.pre_mlp_norm = norm(d)
-        self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.activation, dtype=dtype)
+        self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.activation, dtype=dtype, layout=layout)
         self.post_mlp_norm = norm(d)
 
     def __call__(
@@ -104,7 +107,7 @@ class Gemma3DecoderLayer(nnx.Module):
         v = v.reshape(b, t, k, e)
         attn = paged_attention(
             q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer),
-            softcap=cfg.attn_logit_softcap,
+            softcap=cfg.attn_logit_softcap, past_kernel=self.backend.past_kernel,
         )
         x = x + self.post_attn_norm(self.o(attn.reshape(b, t, h * e)))
         x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
@@ -112,12 +115,17 @@ class Gemma3DecoderLayer(nnx.Module):
 
 
 class Gemma3ForCausalLM(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32):
+    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32, backend: Backend = AS_LOADED):
+        """`backend`: the device's weight layout and attention (`models/backend.py`); the default holds the
+        checkpoint's [out, in] layout, which `use_backend` can change in place."""
         self.cfg = cfg
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nnx.List([Gemma3DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.backend = backend
+        layout = backend.weights
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, layout=layout)
+        self.layers = nnx.List([Gemma3DecoderLayer(cfg, dtype, backend) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, layout=layout)
 
     def forward(
         self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array

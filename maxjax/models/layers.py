@@ -5,16 +5,12 @@ Axis letters used in einsum strings and shape comments:
   K key/value heads, G query heads per key/value head, H = K * G query heads, E head width,
   P pages gathered per row, S = P * page_size attended past positions, F MLP width.
 
-Projection kernels are stored [out, in] as checkpoints ship them (see `project` for why), with Q/K/V and
-gate/up fused into one matmul each.
+Projection kernels are held in the layout the model's `Backend` chose (`models/backend.py`): [out, in] as
+checkpoints ship them, or packed for maxjax's CPU kernel; Q/K/V and gate/up are fused into one matmul each.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -23,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax import kernels
+from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, WeightLayout
 from maxjax.models.config import RopeConfig
 
 
@@ -41,114 +38,83 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """`x @ kernel.T (+ bias)` with the kernel stored [out, in], as checkpoints ship it.
+    """`x @ kernel.T (+ bias)`, the kernel held in `layout` (`models/backend.py`): [out, in] as checkpoints ship
+    it, or packed for a kernel."""
 
-    On CPU, when maxjax's projection kernel builds, the runner packs float32 kernels into panels
-    [ceil(out / P), in, P] for it (`pack_for_cpu_kernel`); otherwise `project` picks XLA's fastest form.
-    """
-
-    def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype: jnp.dtype = jnp.float32):
-        self.kernel = nnx.Param(jnp.zeros((d_out, d_in), dtype))
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype: jnp.dtype = jnp.float32,
+                 layout: WeightLayout = CHECKPOINT_LAYOUT):
+        self.kernel = nnx.Param(jnp.zeros(layout.shape(d_out, d_in), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         self.d_out = d_out
+        self.layout = layout
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...]
-        y = kernels.project(x, w, self.d_out) if w.ndim == 3 else project(x, w)
+        y = self.layout.apply(x, self.kernel[...], self.d_out)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
 
+    def use_layout(self, layout: WeightLayout) -> None:
+        """Hold the kernel in `layout` from now on, packing it there (in place: the weights are never held twice)."""
+        self.layout = _relayout(self.kernel, self.layout, layout)
+
 
 class Embedding(nnx.Module):
-    """The token embedding table [vocab, dim]: `embed(tokens)` looks rows up; `attend(hidden)` multiplies by the
-    table's transpose, the LM head of a model with tied embeddings.
-
-    On CPU `pack_for_cpu_kernel` packs the table into panels as it packs a `Linear` kernel, and lookups read the
-    panels in place (row v is column v % P of panel v // P): a tied head runs through the projection kernel
-    without a second copy of the table.
+    """The token embedding table [vocab, dim], held in `layout`: `embed(tokens)` looks rows up; `attend(hidden)`
+    multiplies by the table's transpose, the LM head of a model with tied embeddings (in `CpuPanels`, lookups read
+    the panels in place, so a tied head runs through the projection kernel without a second copy of the table).
     """
 
-    def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype = jnp.float32):
-        self.weight = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
+    def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype = jnp.float32,
+                 layout: WeightLayout = CHECKPOINT_LAYOUT):
+        self.weight = nnx.Param(jnp.zeros(layout.shape(vocab_size, dim), dtype))
         self.vocab_size = vocab_size
         self.dim = dim
+        self.layout = layout
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [...] -> embeddings [..., dim]."""
-        table = self.weight[...]
-        if table.ndim == 3:  # packed [ceil(vocab / P), dim, P]
-            panel = table.shape[-1]
-            return table[tokens // panel, :, tokens % panel]
-        return jnp.take(table, tokens, axis=0)
+        return self.layout.rows(self.weight[...], tokens)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., dim] -> [..., vocab]."""
-        table = self.weight[...]
-        return kernels.project(hidden, table, self.vocab_size) if table.ndim == 3 else project(hidden, table)
+        return self.layout.apply(hidden, self.weight[...], self.vocab_size)
+
+    def use_layout(self, layout: WeightLayout) -> None:
+        """Hold the table in `layout` from now on, packing it there (in place)."""
+        self.layout = _relayout(self.weight, self.layout, layout)
 
 
-REDUCE_MAX_ROWS = 16
-"""Up to this many rows, a projection on CPU is a multiply-and-sum (see `project`)."""
-
-_cpu_forms: contextvars.ContextVar[bool] = contextvars.ContextVar("maxjax_cpu_forms", default=False)
-_cpu_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("maxjax_cpu_kernels", default=False)
-
-
-@contextlib.contextmanager
-def tracing_for(platform: str, cpu_kernels: bool = False) -> Iterator[None]:
-    """Trace the model for `platform` ("cpu", "gpu", "tpu"), so that `project` picks the form that platform
-    runs fastest, and with `cpu_kernels` (maxjax/kernels, loaded) so that attention reads the pool through
-    maxjax's own kernel. Enter it inside the jitted function, with both among its static arguments: jit's
-    trace cache does not see a context variable (the step runner's `_step` does this)."""
-    tokens = _cpu_forms.set(platform == "cpu"), _cpu_kernels.set(platform == "cpu" and cpu_kernels)
-    try:
-        yield
-    finally:
-        _cpu_kernels.reset(tokens[1])
-        _cpu_forms.reset(tokens[0])
+def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout) -> WeightLayout:
+    if new == old:
+        return new
+    assert not old.packed, f"{old} cannot be repacked into {new}: pack from the checkpoint's [out, in] layout"
+    w = param[...]
+    if new.packed:
+        packed = new.pack(np.asarray(w))
+        param.set_value(jax.device_put(packed, w.sharding) if isinstance(w, jax.Array) else packed)  # type: ignore[arg-type]
+    return new
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] times w [out, in] -> [..., out], in the form XLA runs fastest for the row count.
-
-    One row is `w @ x`, the matrix-vector product. On CPU, 2 to `REDUCE_MAX_ROWS` rows are written as a
-    broadcast multiply summed over `in`: XLA:CPU hands that to YNNPACK's fused reduction, which runs the
-    decode batch's projections 15-20% faster than its matmul kernel does for so few rows (batch 8: 31 vs 36 ms
-    for SmolLM2's 30 layers). The sums are float32 either way; only their order differs.
-    """
-    rows = math.prod(x.shape[:-1])
-    if rows == 1:
-        return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
-    if rows <= REDUCE_MAX_ROWS and _cpu_forms.get():
-        flat = x.reshape(rows, 1, -1)
-        return jnp.sum(w[None, :, :] * flat, axis=-1).reshape(*x.shape[:-1], w.shape[0])
-    return x @ w.T
-
-
-def pack_for_cpu_kernel(model: nnx.Module, panel: int) -> int:
-    """Pack every float32 `Linear` kernel and `Embedding` table of `model` in place into the CPU kernel's panels
-    (already packed ones are left as they are); returns how many were packed. In place, so the weights are never
-    held twice."""
-    packed = 0
+def use_backend(model: nnx.Module, backend: Backend) -> nnx.Module:
+    """Put `model`, built in the checkpoint's layout (the constructors' default backend), on `backend` in place:
+    every `Linear` and `Embedding` repacks its weight into `backend.weights`, every module holding a `backend`
+    takes this one. The same model built with `backend` has the same structure. Returns `model`."""
     for _, node in nnx.iter_graph(model):
-        param = node.kernel if isinstance(node, Linear) else node.weight if isinstance(node, Embedding) else None
-        if param is None:
-            continue
-        w = param[...]
-        if w.ndim == 2 and w.dtype == jnp.float32:
-            packed_w = kernels.pack(np.asarray(w), panel)
-            param.set_value(jax.device_put(packed_w, w.sharding) if isinstance(w, jax.Array) else packed_w)  # type: ignore[arg-type]
-            packed += 1
-    return packed
+        if isinstance(node, Linear | Embedding):
+            node.use_layout(backend.weights)
+        elif isinstance(node, nnx.Module) and isinstance(getattr(node, "backend", None), Backend):
+            node.backend = backend  # type: ignore[attr-defined]
+    return model
 
 
 class GatedMLP(nnx.Module):
     """SwiGLU (or GeGLU) with gate and up fused into one [D, 2F] matmul."""
 
-    def __init__(self, dim: int, hidden: int, *, activation: str = "silu", dtype: jnp.dtype = jnp.float32):
-        self.gate_up = Linear(dim, 2 * hidden, dtype=dtype)
-        self.down = Linear(hidden, dim, dtype=dtype)
+    def __init__(self, dim: int, hidden: int, *, activation: str = "silu", dtype: jnp.dtype = jnp.float32,
+                 layout: WeightLayout = CHECKPOINT_LAYOUT):
+        self.gate_up = Linear(dim, 2 * hidden, dtype=dtype, layout=layout)
+        self.down = Linear(hidden, dim, dtype=dtype, layout=layout)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -246,11 +212,12 @@ costs microseconds of loop overhead, which long contexts can afford.
 
 def paged_attention(
     q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, layer: int, batch: AttentionBatch, *,
-    scale: float, sliding_window: int | None = None, softcap: float | None = None,
+    scale: float, sliding_window: int | None = None, softcap: float | None = None, past_kernel: bool = False,
 ) -> jax.Array:
     """Attention of the new tokens over each row's cached past plus the new tokens themselves (causally).
 
-    q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E].
+    q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E]. With `past_kernel`
+    (`Backend.past_kernel`: float32 on CPU with maxjax's kernels) the past is read through `kernels.paged_past`.
 
     The cache is only read here: new keys and values are written for all layers at once after the step, so
     the pool is never copied. The past is visited `BLOCK_TOKENS` at a time, as many blocks as the
@@ -283,7 +250,8 @@ def paged_attention(
     run_sum = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkmu,buke->bkme", p.astype(v_new.dtype), v_new).astype(jnp.float32)
 
-    if batch.page_table.shape[1] and _cpu_kernels.get() and cache.k.dtype == qg.dtype == jnp.float32:
+    if batch.page_table.shape[1] and past_kernel:
+        assert cache.k.dtype == qg.dtype == jnp.float32, f"the CPU attention kernel reads float32, not {cache.k.dtype}"
         run_max, run_sum, out = kernels.paged_past(
             qg, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32),
             run_max[..., 0], run_sum[..., 0], out, layer=layer, window=sliding_window, softcap=softcap,

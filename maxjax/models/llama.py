@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from maxjax.models import gguf_common
+from maxjax.models.backend import AS_LOADED, Backend
 from maxjax.models.config import TransformerConfig
 from maxjax.models.layers import (
     AttentionBatch,
@@ -32,16 +33,20 @@ from maxjax.models.layers import (
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype):
+    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype, backend: Backend):
         h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.backend = backend
+        layout = backend.weights
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.qkv = Linear(cfg.hidden_size, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype)
+        self.qkv = Linear(cfg.hidden_size, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype, layout=layout)
         self.q_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.o = Linear(h * e, cfg.hidden_size, dtype=dtype)
+        self.o = Linear(h * e, cfg.hidden_size, dtype=dtype, layout=layout)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, activation=cfg.activation, dtype=dtype)
+        self.mlp = GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, activation=cfg.activation, dtype=dtype, layout=layout
+        )
 
     def __call__(
         self, x: jax.Array, cache: KVCache, layer: int, batch: AttentionBatch
@@ -56,7 +61,8 @@ class LlamaDecoderLayer(nnx.Module):
         q = apply_rope(q, batch.cos, batch.sin)  # [B, T, H, E]
         kk = apply_rope(kk, batch.cos, batch.sin)  # [B, T, K, E]
         attn = paged_attention(
-            q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer)
+            q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer),
+            past_kernel=self.backend.past_kernel,
         )
         x = x + self.o(attn.reshape(b, t, h * e))
         x = x + self.mlp(self.post_norm(x))
@@ -64,12 +70,17 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32):
+    def __init__(self, cfg: TransformerConfig, dtype: jnp.dtype = jnp.float32, backend: Backend = AS_LOADED):
+        """`backend`: the device's weight layout and attention (`models/backend.py`); the default holds the
+        checkpoint's [out, in] layout, which `use_backend` can change in place."""
         self.cfg = cfg
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.backend = backend
+        layout = backend.weights
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, layout=layout)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype, backend) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, layout=layout)
 
     def forward(
         self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array

@@ -1,0 +1,135 @@
+"""How a model runs on its device, decided once: each projection's weight layout and the attention over the past.
+
+A `Backend` is chosen by whoever knows the device (`backend_for`: the platform, the serving dtype, and whether
+maxjax's CPU kernels built) and handed to the model's constructor, or to `use_backend` for a model built in the
+checkpoint's layout (what `pipeline.build_model` builds). Every `Linear` and `Embedding` holds its
+`WeightLayout` and every attention block the backend as static attributes, so the choice is part of the model's
+structure: of the traced graph, of `nnx.GraphDef` equality (jit's trace cache) and of the compile-cache key
+(`graph/compile_cache.model_signature`). Nothing is read from the context while tracing.
+
+A layout owns the weight's form on the device: `shape` (what the module's parameter holds), `pack` (from the
+checkpoint's [out, in] array, on the host), `apply` (x -> x @ w.T in that form) and `rows` (an embedding lookup).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxjax import kernels
+
+REDUCE_MAX_ROWS = 16
+"""Up to this many rows, a projection in XLA's CPU forms is a multiply-and-sum (see `XlaCpuForms`)."""
+
+
+@dataclass(frozen=True)
+class XlaMatmul:
+    """Float [out, in] as checkpoints ship it, multiplied in XLA's generic forms (GPU, TPU; also what a model
+    built without a backend uses): one row as `w @ x`, the matrix-vector product, more as `x @ w.T`."""
+
+    packed: ClassVar[bool] = False
+    """Whether the stored form differs from the checkpoint's [out, in] (then `pack` is not the identity and the
+    weight cannot be handed to another layout)."""
+
+    def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
+        return (d_out, d_in)
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        """The checkpoint's [out, in] array in this layout (host side, before the weights are placed)."""
+        return w
+
+    def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
+        """x [..., in] times the weight (this layout) -> [..., d_out]."""
+        if math.prod(x.shape[:-1]) == 1:
+            return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], d_out)
+        return x @ w.T
+
+    def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        """Rows `tokens` [...] of an embedding table stored in this layout -> [..., dim]."""
+        return jnp.take(table, tokens, axis=0)
+
+
+@dataclass(frozen=True)
+class XlaCpuForms(XlaMatmul):
+    """Float [out, in], in the forms XLA:CPU runs fastest (CPU without maxjax's kernels, or weights they do not
+    take). 2 to `REDUCE_MAX_ROWS` rows are a broadcast multiply summed over `in`: XLA:CPU hands that to YNNPACK's
+    fused reduction, which runs the decode batch's projections 15-20% faster than its matmul kernel does for so
+    few rows (batch 8: 31 vs 36 ms for SmolLM2's 30 layers). The sums are float32 either way; only their order
+    differs."""
+
+    def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
+        rows = math.prod(x.shape[:-1])
+        if 1 < rows <= REDUCE_MAX_ROWS:
+            flat = x.reshape(rows, 1, -1)
+            return jnp.sum(w[None, :, :] * flat, axis=-1).reshape(*x.shape[:-1], d_out)
+        return super().apply(x, w, d_out)
+
+
+@dataclass(frozen=True)
+class CpuPanels:
+    """float32 panels [ceil(out / panel), in, panel] for maxjax's CPU projection kernel (`maxjax_project`,
+    kernels/project.cc): w_packed[p, i, j] = w[p * panel + j, i], zero-padded. An embedding table in this layout
+    is looked up in place (row v is column v % panel of panel v // panel), so a tied LM head runs through the
+    kernel without a second copy of the table."""
+
+    panel: int
+    """Output columns per panel: the loaded kernel's `Kernels.panel` (16 with AVX2, 32 with AVX-512)."""
+    packed: ClassVar[bool] = True
+
+    def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
+        return (-(-d_out // self.panel), d_in, self.panel)
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        assert w.dtype == np.float32, f"the CPU kernel takes float32 weights, not {w.dtype}"
+        return kernels.pack(w, self.panel)
+
+    def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
+        return kernels.project(x, w, d_out)
+
+    def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        return table[tokens // self.panel, :, tokens % self.panel]
+
+
+# Quantized layouts go here: codes + scales per encoding (e.g. Q8_0's int8 codes with one scale per 32 inputs,
+# Q4_K's nibbles with per-block scales and minimums), each with its own pack (the checkpoint's blocks -> codes
+# and scales) and apply (a kernel or XLA form that dequantizes inside the product). A layout with more than one
+# array will name its arrays (`Linear` holds one `kernel` today).
+
+WeightLayout = XlaMatmul | CpuPanels
+"""Every layout a `Linear` or `Embedding` can hold (frozen and hashable: a static attribute of the module)."""
+CHECKPOINT_LAYOUT = XlaMatmul()
+"""[out, in] in XLA's generic forms: the layout modules are built with unless told otherwise."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a model is built for: chosen once per device (`backend_for`) and handed to the model."""
+
+    weights: WeightLayout = CHECKPOINT_LAYOUT
+    """The layout of every projection kernel and of the embedding table."""
+    past_kernel: bool = False
+    """Attention reads each row's cached past straight from the pool through maxjax's CPU kernel
+    (`maxjax_paged_past`, float32 only) instead of XLA's gathered blocks. A pool only that kernel reads may be
+    reserved rather than zeroed (`CacheSpec.allocate`)."""
+
+
+def backend_for(platform: str, dtype: Any) -> Backend:
+    """The fastest backend for models of `dtype` on `platform` ("cpu", "gpu", "tpu"): on CPU with maxjax's kernels
+    built (`kernels.load()`, which warns once where they cannot be) and float32 weights, the kernels' panels and
+    attention; on CPU otherwise, XLA's CPU forms; elsewhere, XLA's generic forms (GPU and TPU keep the matmul)."""
+    if platform != "cpu":
+        return Backend()
+    built = kernels.load()
+    if built is None or jnp.dtype(dtype) != jnp.float32:
+        return Backend(XlaCpuForms())
+    return Backend(CpuPanels(built.panel), past_kernel=True)
+
+
+AS_LOADED = Backend()
+"""The checkpoint's layout and XLA's attention: what a model is built with unless told otherwise (`use_backend`
+moves it onto another backend in place)."""
