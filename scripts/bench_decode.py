@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxjax.graph import batch
+from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
-from maxjax.graph.runner import CacheSpec, ModelRunner, StepInputs
-from maxjax.graph.sampling import ADJUST_SLOTS, LogitAdjustments, SamplingArrays
+from maxjax.graph.runner import CacheSpec, ModelRunner
 from maxjax.hub import resolve_model
 from maxjax.models.backend import backend_for
 from maxjax.pipeline import load_model
@@ -50,34 +51,18 @@ def machine_rates() -> tuple[float, float]:
 
 
 def decode_inputs(rows: int, bucket: int, context: int, page_size: int, table_width: int) -> StepInputs:
+    inputs = batch.padding(bucket, 1, table_width, vocab_size=1 << 30)
     pages_per_row = -(-(context + 1) // page_size)
-    page_table = np.zeros((bucket, table_width), np.int32)
-    slots = np.zeros((bucket, 1), np.int32)
     for r in range(rows):
         pages = 1 + r * pages_per_row + np.arange(pages_per_row)
-        page_table[r, : min(pages_per_row, table_width)] = pages[:table_width]
-        slots[r, 0] = pages[context // page_size] * page_size + context % page_size
-    temperature = np.zeros(bucket, np.float32)
-    top_p = np.ones(bucket, np.float32)
-    temperature[0], top_p[0] = 0.8, 0.9
-    return StepInputs(
-        tokens=np.full((bucket, 1), 42, np.int32),
-        past_len=np.array([context] * rows + [0] * (bucket - rows), np.int32),
-        slots=slots,
-        page_table=page_table,
-        logit_index=np.zeros((bucket, 1), np.int32),
-        sampling=SamplingArrays(
-            temperature=temperature, top_p=top_p, top_k=np.zeros(bucket, np.int32),
-            min_p=np.zeros(bucket, np.float32), seed=np.arange(bucket, dtype=np.uint32),
-            position=np.full(bucket, context, np.int32),
-        ),
-        adjust=LogitAdjustments(
-            ids=np.full((bucket, ADJUST_SLOTS), 1 << 30, np.int32), count=np.zeros((bucket, ADJUST_SLOTS), np.float32),
-            seen=np.zeros((bucket, ADJUST_SLOTS), bool), bias=np.zeros((bucket, ADJUST_SLOTS), np.float32),
-            presence=np.zeros(bucket, np.float32), frequency=np.zeros(bucket, np.float32),
-            repetition=np.ones(bucket, np.float32),
-        ),
-    )
+        inputs.page_table[r, : min(pages_per_row, table_width)] = pages[:table_width]
+        inputs.slots[r, 0] = pages[context // page_size] * page_size + context % page_size
+        inputs.past_len[r] = context
+    inputs.tokens[:] = 42
+    inputs.sampling.temperature[0], inputs.sampling.top_p[0] = 0.8, 0.9  # row 0 samples with top-p
+    inputs.sampling.seed[:] = np.arange(bucket, dtype=np.uint32)
+    inputs.sampling.position[:] = context
+    return inputs
 
 
 def main() -> None:

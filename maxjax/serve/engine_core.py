@@ -18,16 +18,17 @@ import jax
 import numpy as np
 
 from maxjax.config import KVCacheConfig, SchedulerConfig
+from maxjax.graph import batch
+from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.memory import plan_pool
-from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores, StepInputs
+from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores
 from maxjax.graph.sampling import (
     ADJUST_SLOTS,
     BANNED,
     TOP_LOGPROBS,
     LogitAdjustments,
     SampleOutput,
-    SamplingArrays,
 )
 from maxjax.pipeline import LoadedModel
 from maxjax.serve.protocol import (
@@ -105,6 +106,7 @@ def admit(request: GenerationRequest, vocab_size: int) -> Request:
     req = Request(request.request_id, list(request.prompt_ids), p, row=row)
     if p.repetition_penalty != 1.0:
         req.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
+        req.prompt_set = frozenset(req.prompt_tokens)
     return req
 
 
@@ -216,92 +218,61 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------- batches
 
-    def _page_table(self, seqs: list[Request], rows: int) -> np.ndarray:
-        """Pages covering each row's cached past, `max_pages` wide (page 0 beyond)."""
-        table = np.zeros((rows, self.grid.max_pages), np.int32)
-        for r, s in enumerate(seqs):
-            n = -(-s.cached // self.page_size)
-            table[r, :n] = s.pages[:n]
-        return table
+    def _batch(self, chunks: list[tuple[Request, int]], rows: int, width: int) -> StepInputs:
+        """The step's inputs: `batch.padding` of the bucket, each live row written in (row r holds the next `n`
+        tokens of chunk r's request, from its cached length on)."""
+        inputs = batch.padding(rows, width, self.grid.max_pages, self.runner.vocab_size)
+        sampling, adjust = inputs.sampling, inputs.adjust
+        for r, (req, n) in enumerate(chunks):
+            start = req.cached
+            inputs.tokens[r, :n] = req.tokens[start : start + n]
+            positions = np.arange(start, start + n)
+            pages = np.asarray(req.pages, np.int32)
+            inputs.slots[r, :n] = pages[positions // self.page_size] * self.page_size + positions % self.page_size
+            cached_pages = -(-start // self.page_size)
+            inputs.page_table[r, :cached_pages] = pages[:cached_pages]
+            inputs.past_len[r] = start
+            inputs.logit_index[r, 0] = n - 1
+            row: _Row = req.row
+            sampling.temperature[r], sampling.top_p[r] = row.temperature, row.top_p
+            sampling.top_k[r], sampling.min_p[r], sampling.seed[r] = row.top_k, row.min_p, row.seed
+            sampling.position[r] = start + n
+            if _adjusts(req.params):
+                self._write_adjustments(req, r, adjust)
+        return inputs
 
-    def _slot(self, seq: Request, position: int) -> int:
-        return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
-
-    def _sampling(self, seqs: list[Request], rows: int, positions: list[int]) -> SamplingArrays:
-        temperature = np.zeros(rows, np.float32)
-        top_p = np.ones(rows, np.float32)
-        top_k = np.zeros(rows, np.int32)
-        min_p = np.zeros(rows, np.float32)
-        seed = np.zeros(rows, np.uint32)
-        position = np.zeros(rows, np.int32)
-        for r, s in enumerate(seqs):
-            row: _Row = s.row
-            temperature[r], top_p[r], top_k[r], min_p[r] = row.temperature, row.top_p, row.top_k, row.min_p
-            seed[r], position[r] = row.seed, positions[r]
-        return SamplingArrays(temperature, top_p, top_k, min_p, seed, position)
-
-    def _adjustments(self, seqs: list[Request], rows: int) -> LogitAdjustments:
-        vocab = self.runner.vocab_size
-        ids = np.full((rows, ADJUST_SLOTS), vocab, np.int32)
-        count = np.zeros((rows, ADJUST_SLOTS), np.float32)
-        seen = np.zeros((rows, ADJUST_SLOTS), bool)
-        bias = np.zeros((rows, ADJUST_SLOTS), np.float32)
-        presence = np.zeros(rows, np.float32)
-        frequency = np.zeros(rows, np.float32)
-        repetition = np.ones(rows, np.float32)
-        for r, req in enumerate(seqs):
-            if not _adjusts(req.params):
-                continue
-            p, row = req.params, req.row
-            presence[r], frequency[r], repetition[r] = row.presence, row.frequency, row.repetition
-            edits: dict[int, float] = dict(row.logit_bias)
-            if req.generated < p.min_tokens:
-                ended_by = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
-                edits.update(dict.fromkeys(ended_by, BANNED))
-            slots = list(edits)
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-                # The most recently generated distinct tokens first, then the prompt's, as room allows.
-                recent = dict.fromkeys(reversed(req.tokens[len(req.prompt):]))
-                slots += [t for t in recent if t not in edits]
-                if p.repetition_penalty != 1.0:
-                    slots += [t for t in req.prompt_tokens if t not in edits and t not in recent]
-            slots = slots[:ADJUST_SLOTS]
-            n = len(slots)
-            ids[r, :n] = slots
-            bias[r, :n] = [edits.get(t, 0.0) for t in slots]
-            count[r, :n] = [req.counts.get(t, 0) for t in slots]
+    def _write_adjustments(self, req: Request, r: int, adjust: LogitAdjustments) -> None:
+        """Row r's logit edits: its biases, its bans (min_tokens), and the tokens its penalties apply to, the most
+        recently generated distinct ones first, then the prompt's, as `ADJUST_SLOTS` allows. Reads the
+        request's running counts; nothing is rebuilt from its whole context."""
+        p, row = req.params, req.row
+        adjust.presence[r], adjust.frequency[r], adjust.repetition[r] = row.presence, row.frequency, row.repetition
+        edits: dict[int, float] = dict(row.logit_bias)
+        if req.generated < p.min_tokens:
+            ended_by = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+            edits.update(dict.fromkeys(ended_by, BANNED))
+        slots = list(edits)
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            recent = [t for t in reversed(req.counts) if t not in edits]  # counts keep the order of last use
+            slots += recent[: ADJUST_SLOTS - len(slots)]
             if p.repetition_penalty != 1.0:
-                context = set(req.tokens)
-                seen[r, :n] = [t in context for t in slots]
-        return LogitAdjustments(ids, count, seen, bias, presence, frequency, repetition)
+                slots += [t for t in req.prompt_tokens if t not in edits and t not in req.counts]
+        slots = slots[:ADJUST_SLOTS]
+        n = len(slots)
+        adjust.ids[r, :n] = slots
+        adjust.bias[r, :n] = [edits.get(t, 0.0) for t in slots]
+        adjust.count[r, :n] = [req.counts.get(t, 0) for t in slots]
+        if p.repetition_penalty != 1.0:
+            adjust.seen[r, :n] = [t in req.counts or t in req.prompt_set for t in slots]
 
     def _run_prefill(self, chunks: list[tuple[Request, int]]) -> tuple[SampleOutput, PromptScores | None]:
         shape = self.grid.prefill_bucket(len(chunks), max(n for _, n in chunks))
         assert shape is not None, "the scheduler plans only prefill steps the grid holds"
         rows, width = shape
-        tokens = np.zeros((rows, width), np.int32)
-        slots = np.zeros((rows, width), np.int32)  # padding writes go to page 0
-        past_len = np.zeros(rows, np.int32)
-        logit_index = np.zeros((rows, 1), np.int32)
-        seqs = [seq for seq, _ in chunks]
-        for r, (seq, n) in enumerate(chunks):
-            tokens[r, :n] = seq.tokens[seq.cached : seq.cached + n]
-            slots[r, :n] = [self._slot(seq, p) for p in range(seq.cached, seq.cached + n)]
-            past_len[r] = seq.cached
-            logit_index[r, 0] = n - 1
-        inputs = StepInputs(
-            tokens=tokens,
-            past_len=past_len,
-            slots=slots,
-            page_table=self._page_table(seqs, rows),
-            logit_index=logit_index,
-            sampling=self._sampling(seqs, rows, [seq.cached + n for seq, n in chunks]),
-            adjust=self._adjustments(seqs, rows),
-        )
-        out, hidden = self.runner.step(inputs)
+        out, hidden = self.runner.step(self._batch(chunks, rows, width))
         seq, n = chunks[0]
         if seq.params.prompt_logprobs is None:
-            return out, None  # (a sequence that wants them is the step's only row)
+            return out, None  # (a request that wants them is the step's only row)
         # Position p's logits score prompt token p + 1; the chunk's last position scores the first output
         # token instead, which is not part of the prompt.
         targets = np.zeros((1, width), np.int32)
@@ -320,24 +291,7 @@ class EngineCore:
             )
 
     def _run_decode(self, seqs: list[Request]) -> SampleOutput:
-        rows = self.grid.batch_bucket(len(seqs))
-        tokens = np.zeros((rows, 1), np.int32)
-        past_len = np.zeros(rows, np.int32)
-        slots = np.zeros((rows, 1), np.int32)
-        for r, s in enumerate(seqs):
-            tokens[r, 0] = s.tokens[s.cached]
-            past_len[r] = s.cached
-            slots[r, 0] = self._slot(s, s.cached)
-        inputs = StepInputs(
-            tokens=tokens,
-            past_len=past_len,
-            slots=slots,
-            page_table=self._page_table(seqs, rows),
-            logit_index=np.zeros((rows, 1), np.int32),
-            sampling=self._sampling(seqs, rows, [s.cached + 1 for s in seqs]),
-            adjust=self._adjustments(seqs, rows),
-        )
-        return self.runner.step(inputs)[0]
+        return self.runner.step(self._batch([(s, 1) for s in seqs], self.grid.batch_bucket(len(seqs)), 1))[0]
 
     # --------------------------------------------------------------------------------- postprocess
 
@@ -346,7 +300,7 @@ class EngineCore:
         token = int(out.tokens[row])
         seq.tokens.append(token)
         if _adjusts(params):
-            seq.counts[token] += 1
+            seq.counts[token] = seq.counts.pop(token, 0) + 1  # re-inserted: the dict's order is the order of last use
         logprobs = None
         if params.logprobs is not None:
             k = params.logprobs

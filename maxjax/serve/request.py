@@ -11,7 +11,6 @@ which only the scheduler changes. Pure Python: the scheduler and its tests use i
 
 from __future__ import annotations
 
-import collections
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,10 +40,13 @@ class Request:
     """The request's values converted into the step arrays' types (`engine_core.admit` sets it)."""
     tokens: list[int] = field(default_factory=list)
     """Prompt followed by the generated tokens."""
-    counts: collections.Counter[int] = field(default_factory=collections.Counter)
-    """Times each token was generated (kept only when penalties or bans read them)."""
+    counts: dict[int, int] = field(default_factory=dict)
+    """Times each token was generated, in the order each was last generated (kept only when penalties or bans
+    read them: updated per token, never rebuilt from the context)."""
     prompt_tokens: tuple[int, ...] = ()
     """Distinct prompt tokens, most recent first (repetition penalty only)."""
+    prompt_set: frozenset[int] = frozenset()
+    """The same, as a set (repetition penalty only)."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Filled chunk by chunk during prefill when the request asked for them."""
     status: Status = Status.WAITING
