@@ -114,6 +114,9 @@ def test_fuzzed_bodies_never_get_a_5xx(real_server: RealServer, case: tuple[str,
 def test_the_server_serves_after_the_fuzzing(real_server: RealServer) -> None:
     _assert_still_serves(real_server)
     assert real_server.metric("maxjax_kv_pages_in_use") == 0
+    steps = real_server.metric("maxjax_engine_steps_total")
+    host = real_server.metric("maxjax_engine_host_seconds_total")
+    assert steps > 0 and 0 < host / steps < 1.0, (steps, host)  # where a step's host time goes, per /metrics
 
 
 # -- graceful shutdown --------------------------------------------------------------------------------------------

@@ -141,7 +141,10 @@ class AsyncEngine:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for seq, out in self.core.step():
+                outputs = self.core.step()
+                if self.metrics is not None and self.core.last_step is not None:
+                    self.metrics.observe_step(*self.core.last_step)
+                for seq, out in outputs:
                     stream = self._streams.get(id(seq))
                     if stream is None:
                         continue

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -45,6 +47,13 @@ log = logging.getLogger(__name__)
 
 
 INT32_MAX = 2**31 - 1
+
+
+class StepTime(NamedTuple):
+    host: float
+    """Seconds on the host: planning, writing the batch, dispatching, postprocessing."""
+    device_wait: float
+    """Seconds waiting for the device's results (the host has nothing to overlap them with yet)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,8 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.grid = runner.grid
         self.page_size = scheduler.page_size
+        self.last_step: StepTime | None = None
+        """Where the last step's time went (the server's metrics add these up)."""
 
     @classmethod
     def create(
@@ -198,6 +209,7 @@ class EngineCore:
     def step(self) -> list[tuple[Request, GenerationOutput]]:
         """Run one iteration: schedule -> run -> postprocess. Returns the outputs produced; requests that
         finished have left the scheduler."""
+        started = time.perf_counter()
         plan = self.scheduler.plan()
         results: list[tuple[Request, GenerationOutput]] = []
         if plan.empty:
@@ -205,7 +217,9 @@ class EngineCore:
         prefill_out, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
         decode_out = self._run_decode(plan.decode) if plan.decode else None
         # Fetch both results in one transfer, after both steps were dispatched.
+        waited = time.perf_counter()
         prefill_host, scores, decode_host = jax.device_get((prefill_out, scores, decode_out))
+        waited = time.perf_counter() - waited
         for row, (seq, n) in enumerate(plan.prefill):
             if scores is not None:  # a request that wants prompt logprobs is prefilled alone
                 self._add_prompt_logprobs(seq, scores, n)
@@ -214,6 +228,7 @@ class EngineCore:
         for row, seq in enumerate(plan.decode):
             results.append((seq, self._append(seq, decode_host, row)))
         self.scheduler.update(plan)
+        self.last_step = StepTime(time.perf_counter() - started - waited, waited)
         return results
 
     # ------------------------------------------------------------------------------------- batches

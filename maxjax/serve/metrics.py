@@ -52,6 +52,14 @@ class Metrics:
         self.queue_depth = Gauge("maxjax_queue_depth", "Requests waiting for a batch row (set by the engine).", registry=r)
         self.kv_pages_in_use = Gauge("maxjax_kv_pages_in_use", "KV cache pages allocated (set by the engine).", registry=r)
         self.kv_pages_total = Gauge("maxjax_kv_pages_total", "KV cache pages in the pool (set by the engine).", registry=r)
+        self.engine_steps = Counter("maxjax_engine_steps", "Engine iterations that ran a step.", registry=r)
+        self.engine_host_seconds = Counter(
+            "maxjax_engine_host_seconds",
+            "Seconds the engine thread spent on the host per step (planning, building the batch, postprocessing), "
+            "not waiting for the device.", registry=r)
+        self.engine_device_wait_seconds = Counter(
+            "maxjax_engine_device_wait_seconds", "Seconds the engine thread waited for the device's results.",
+            registry=r)
 
     # -- HTTP layer --------------------------------------------------------------------------------------------
 
@@ -83,6 +91,11 @@ class Metrics:
 
     def set_kv_pages_total(self, n: int) -> None:
         self.kv_pages_total.set(n)
+
+    def observe_step(self, host_seconds: float, device_wait_seconds: float) -> None:
+        self.engine_steps.inc()
+        self.engine_host_seconds.inc(host_seconds)
+        self.engine_device_wait_seconds.inc(device_wait_seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text page and its content type."""
