@@ -5,9 +5,10 @@ Two layers, both under one directory (`compile/` in `maxjax.paths.cache_dir()` u
 
 - `executables/`: our store of serialized executables (`jax.experimental.serialize_executable`), one file per
   bucket. A hit skips tracing as well as compiling. Each file is named by a hash of everything the executable
-  depends on (`ExecutableStore.fingerprint`, the KV pool, the bucket grid, the entry's kind and shape), so a new
-  JAX, another device or CPU, another model or dtype, another pool or grid, a different `XLA_FLAGS`, or an edit
-  to the graph or model code gets new names and never loads an old executable. Files carry a checksum; a corrupt
+  depends on (`ExecutableStore.fingerprint`, the device mesh's axes and sizes, the KV pool, the bucket grid, the
+  entry's kind and shape), so a new JAX, another kind of device or CPU, another mesh, another model or dtype,
+  another pool or grid, a different `XLA_FLAGS`, or an edit to the graph or model code gets new names and never
+  loads an old executable (which device of a kind is not in the key). Files carry a checksum; a corrupt
   or unloadable one is deleted and compiled again, and nothing else is.
 - `xla/`: JAX's own persistent compilation cache, keyed by JAX on the HLO, compile options, JAX version and
   device, for every other executable whatever its compile time (the small jitted helpers: KV pool allocation,
@@ -344,11 +345,14 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 def model_signature(model: nnx.Module, state: nnx.State) -> str:
     """A digest of what the traced graph depends on in the model: every module's type and static attributes
-    (config values, epsilons, activation names) and every weight's path, shape and dtype. The weights' values are
-    arguments of the executables, not constants, so two checkpoints of one architecture share executables."""
+    (config values, epsilons, activation names) and every weight's path, shape, dtype and logical axes (which,
+    with the mesh, decide its sharding). The weights' values are arguments of the executables, not constants, so
+    two checkpoints of one architecture share executables."""
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}\n".encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = leaf.get_metadata("out_sharding", None) if isinstance(leaf, nnx.Variable) else None
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        h.update(f"{jax.tree_util.keystr(path)}:{tuple(value.shape)}:{value.dtype}:{axes}\n".encode())
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Variable) or not isinstance(node, nnx.Pytree):
             continue

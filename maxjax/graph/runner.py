@@ -6,6 +6,10 @@ The runner never names a model: it sees a Flax NNX module with the call signatur
 jitted core receives, as an argument (closing over the weights as constants triples compile time; flattening
 the NNX state on every call costs ~2 ms a step). The KV pools are donated to
 every step, so XLA updates them in place.
+
+Every array lives on a device mesh (`graph/mesh.py`; one device today): the weights and the KV pool with the
+sharding their logical axis names give under `mesh.RULES`, the batch replicated. The step and score graphs are
+jitted with those as their input and output shardings, so more devices change the mesh, not this code.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flax import nnx
 
 from maxjax import kernels
 from maxjax.graph import batch
+from maxjax.graph import mesh as meshes
 from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, compile_for_store
@@ -35,7 +40,7 @@ from maxjax.graph.sampling import (
     sample,
 )
 from maxjax.models.backend import Backend, backend_for
-from maxjax.models.layers import KVCache, use_backend, write_kv
+from maxjax.models.layers import KV_AXES, KVCache, use_backend, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +59,26 @@ class CacheSpec:
     def bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
-    def allocate(self, device: jax.Device | None = None, *, reserve: bool = False) -> KVCache:
-        """The K and V pools, zero-filled; with `reserve` (the CPU kernels loaded: `kernels.reserve`), allocated
-        but not written, so the memory becomes resident only as steps write pages."""
-        shape_k = (self.num_layers, self.num_pages, self.num_kv_heads, self.head_dim, self.page_size)
-        shape_v = (self.num_layers, self.num_pages, self.num_kv_heads, self.page_size, self.head_dim)
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The K and V pools' shapes (`KVCache`)."""
+        return ((self.num_layers, self.num_pages, self.num_kv_heads, self.head_dim, self.page_size),
+                (self.num_layers, self.num_pages, self.num_kv_heads, self.page_size, self.head_dim))
+
+    def shardings(self, mesh: jax.sharding.Mesh) -> KVCache:
+        """The pools' shardings on `mesh`: split by KV head where the rules put "kv_heads" (`layers.KV_AXES`)."""
+        return KVCache(*(meshes.sharding(axes, shape, mesh, what=f"the KV pool's {name}")  # type: ignore[arg-type]
+                         for name, axes, shape in zip("kv", KV_AXES, self.shapes, strict=True)))
+
+    def allocate(self, mesh: jax.sharding.Mesh | None = None, *, reserve: bool = False) -> KVCache:
+        """The K and V pools, placed on `mesh` (default: the first device) and zero-filled; with `reserve` (the CPU
+        kernels loaded: `kernels.reserve`), allocated but not written, so the memory becomes resident only as
+        steps write pages."""
+        shape_k, shape_v = self.shapes
         fill = kernels.reserve if reserve else jnp.zeros
-        with jax.default_device(device or jax.devices()[0]):
-            return jax.jit(lambda: KVCache(fill(shape_k, self.dtype), fill(shape_v, self.dtype)))()
+        mesh = mesh or meshes.make_mesh(jax.devices()[:1])
+        return jax.jit(lambda: KVCache(fill(shape_k, self.dtype), fill(shape_v, self.dtype)),
+                       out_shardings=self.shardings(mesh))()
 
 
 def _step(
@@ -122,37 +139,47 @@ class ModelRunner:
 
     The model is put on `backend` (default: `backend_for` the device and the pool's dtype) in place before it is
     split: its weight layouts and attention are then part of the graph definition every executable is traced
-    from and keyed by.
+    from and keyed by. Its weights and the pool are placed on `mesh` (default: a one-device mesh of `device`, or
+    of the first device) as their logical axes say (`graph/mesh.py`).
     """
 
     def __init__(self, model: nnx.Module, cache_spec: CacheSpec, grid: BucketGrid, device: jax.Device | None = None,
-                 *, backend: Backend | None = None):
-        self.device = device or jax.devices()[0]
+                 *, backend: Backend | None = None, mesh: jax.sharding.Mesh | None = None):
+        self.mesh = mesh or meshes.make_mesh([device or jax.devices()[0]])
+        self.device = self.mesh.devices.flat[0]
         self.grid = grid
         self.cache_spec = cache_spec
         self.backend = backend or backend_for(self.device.platform, cache_spec.dtype)
         use_backend(model, self.backend)
-        log.debug("model on %s", self.backend)
+        log.debug("model on %s, mesh %s", self.backend, dict(self.mesh.shape))
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
-        self.state = jax.device_put(state, self.device)
-        self._params, self._treedef = jax.tree.flatten(self.state)
+        leaves, self._treedef = jax.tree.flatten(state)
+        self._param_shardings = meshes.param_shardings(state, self.mesh)
+        self._params: list[jax.Array] = jax.device_put(leaves, self._param_shardings)
+        self.state = jax.tree.unflatten(self._treedef, self._params)
         # Where attention reads the pool through the CPU kernel (which never reads past a row's cached length),
         # the pool is only reserved: it costs nothing at start and becomes resident as it is written. Otherwise
         # it is zeroed on a thread of its own (on CPU, seconds per GiB of first-touch page faults), which
         # warm-up overlaps; `cache` waits for it.
         self.lazy_pool = self.backend.past_kernel
-        sharding = jax.sharding.SingleDeviceSharding(self.device)
-        self._cache_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                         jax.eval_shape(lambda: cache_spec.allocate(self.device)))
+        cache_shardings = cache_spec.shardings(self.mesh)
+        self._cache_avals = KVCache(*(jax.ShapeDtypeStruct(shape, cache_spec.dtype, sharding=sharding)  # type: ignore[arg-type]
+                                      for shape, sharding in zip(cache_spec.shapes, cache_shardings, strict=True)))
         self._cache: KVCache | None = None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxjax-kv")
-        self._allocation = pool.submit(cache_spec.allocate, self.device, reserve=self.lazy_pool)
+        self._allocation = pool.submit(cache_spec.allocate, self.mesh, reserve=self.lazy_pool)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = model.embed.vocab_size, model.embed.dim  # type: ignore[attr-defined]
-        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3)
+        # Explicit shardings in and out (the batch and the results replicated): the graphs are partitioned for
+        # the mesh they will run on, and the pool keeps its sharding from step to step.
+        rep = meshes.replicated(self.mesh)
+        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3,
+                               in_shardings=(self._param_shardings, cache_shardings, rep),
+                               out_shardings=(cache_shardings, rep, rep))
         self._compiled: dict[tuple[int, int, int], Any] = {}
-        self._score = jax.jit(_score, static_argnums=(0, 1))
+        self._score = jax.jit(_score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
+                              out_shardings=rep)
         self._compiled_score: dict[int, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
@@ -242,14 +269,16 @@ class ModelRunner:
         return self._lower(arg) if kind == "step" else self._lower_score(arg)
 
     def _key(self, entry: Entry) -> tuple[str, dict[str, Any]]:
-        """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device,
-        versions, code), the KV pool, the bucket grid, and the entry's kind and shape. The grid is in every key,
+        """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device kind,
+        versions, code), the mesh (its axes, their sizes and the device kind: not which devices, so an
+        executable serves any device of its kind), the KV pool, the bucket grid, and the entry's kind and shape.
+        The grid is in every key,
         although an executable depends only on its own shape and the pool: a changed grid never loads an old
         executable, and most grid changes resize the pool (which every step takes) anyway."""
         kind, arg = entry
         spec, grid = self.cache_spec, self.grid
         material: dict[str, Any] = {
-            **self._fingerprint, "device_id": self.device.id,
+            **self._fingerprint, "mesh": meshes.describe(self.mesh),
             "cache": [spec.num_layers, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim,
                       jnp.dtype(spec.dtype).name],
             "grid": [grid.max_batch_size, grid.prefill_chunk, grid.max_pages, grid.page_size],

@@ -8,7 +8,8 @@ structure: of the traced graph, of `nnx.GraphDef` equality (jit's trace cache) a
 (`graph/compile_cache.model_signature`). Nothing is read from the context while tracing.
 
 A layout owns the weight's form on the device: `shape` (what the module's parameter holds), `pack` (from the
-checkpoint's [out, in] array, on the host), `apply` (x -> x @ w.T in that form) and `rows` (an embedding lookup).
+checkpoint's [out, in] array, on the host), `apply` (x -> x @ w.T in that form), `rows` (an embedding lookup) and
+`axes` (the logical axis names of the stored form, from which `graph/mesh.py` shards it).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class XlaMatmul:
     def pack(self, w: np.ndarray) -> np.ndarray:
         """The checkpoint's [out, in] array in this layout (host side, before the weights are placed)."""
         return w
+
+    def axes(self, out_axis: str | None, in_axis: str | None) -> tuple[str | None, ...]:
+        """The logical names of the stored array's axes (`graph/mesh.py`), given the [out, in] ones."""
+        return (out_axis, in_axis)
 
     def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
         """x [..., in] times the weight (this layout) -> [..., d_out]."""
@@ -87,6 +92,10 @@ class CpuPanels:
     def pack(self, w: np.ndarray) -> np.ndarray:
         assert w.dtype == np.float32, f"the CPU kernel takes float32 weights, not {w.dtype}"
         return kernels.pack(w, self.panel)
+
+    def axes(self, out_axis: str | None, in_axis: str | None) -> tuple[str | None, ...]:
+        """Panels are the output axis: splitting them splits the output columns (a whole number of panels each)."""
+        return (out_axis, in_axis, None)
 
     def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
         return kernels.project(x, w, d_out)

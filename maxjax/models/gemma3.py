@@ -35,9 +35,12 @@ from maxjax.models.layers import (
     Linear,
     RMSNorm,
     apply_rope,
+    fuse_gate_up,
+    fuse_qkv,
     paged_attention,
     rope_cos_sin,
     rope_inv_freq,
+    split_qkv,
 )
 from maxjax.models.llama import with_embeddings
 
@@ -82,14 +85,15 @@ class Gemma3DecoderLayer(nnx.Module):
         self.backend = backend
         layout = backend.weights
 
-        def norm(dim: int) -> RMSNorm:
-            return RMSNorm(dim, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype)
+        def norm(dim: int, axis: str = "embed") -> RMSNorm:
+            return RMSNorm(dim, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype, axis=axis)
 
         self.input_norm = norm(d)
-        self.qkv = Linear(d, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype, layout=layout)
-        self.q_norm = norm(e)
-        self.k_norm = norm(e)
-        self.o = Linear(h * e, d, dtype=dtype, layout=layout)
+        self.qkv = Linear(d, (h + 2 * k) * e, axes=("kv_heads", "embed"), bias=cfg.attention_bias, dtype=dtype,
+                          layout=layout)  # rows grouped by KV head (`fuse_qkv`)
+        self.q_norm = norm(e, "head_dim")
+        self.k_norm = norm(e, "head_dim")
+        self.o = Linear(h * e, d, axes=("embed", "heads"), dtype=dtype, layout=layout)
         self.post_attn_norm = norm(d)
         self.pre_mlp_norm = norm(d)
         self.mlp = GatedMLP(d, cfg.intermediate_size, activation=cfg.activation, dtype=dtype, layout=layout)
@@ -101,10 +105,9 @@ class Gemma3DecoderLayer(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, kk, v = jnp.split(self.qkv(self.input_norm(x)), [h * e, (h + k) * e], axis=-1)
-        q = apply_rope(self.q_norm(q.reshape(b, t, h, e)), batch.cos, batch.sin)  # [B, T, H, E]
-        kk = apply_rope(self.k_norm(kk.reshape(b, t, k, e)), batch.cos, batch.sin)  # [B, T, K, E]
-        v = v.reshape(b, t, k, e)
+        q, kk, v = split_qkv(self.qkv(self.input_norm(x)), h, k, e)
+        q = apply_rope(self.q_norm(q), batch.cos, batch.sin)  # [B, T, H, E]
+        kk = apply_rope(self.k_norm(kk), batch.cos, batch.sin)  # [B, T, K, E]
         attn = paged_attention(
             q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer),
             softcap=cfg.attn_logit_softcap, past_kernel=self.backend.past_kernel,
@@ -125,7 +128,8 @@ class Gemma3ForCausalLM(nnx.Module):
         self.layers = nnx.List([Gemma3DecoderLayer(cfg, dtype, backend) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=1.0, dtype=dtype)
         tied = cfg.tie_word_embeddings
-        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, layout=layout)
+        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), dtype=dtype,
+                                                layout=layout)
 
     def forward(
         self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array
@@ -173,13 +177,14 @@ class Gemma3ForCausalLM(nnx.Module):
 
 
 def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dict[str, Any]:
-    """The model's parameters as a pure dict (the shape of `nnx.to_pure_dict`), from HF tensor names."""
+    """The model's parameters as a pure dict (the shape of `nnx.to_pure_dict`), from HF tensor names (Q/K/V and
+    gate/up fused by `fuse_qkv` and `fuse_gate_up`)."""
     layers = {}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = {"kernel": np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])}
+        qkv = {"kernel": fuse_qkv([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], cfg.num_kv_heads)}
         if cfg.attention_bias:
-            qkv["bias"] = np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            qkv["bias"] = fuse_qkv([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], cfg.num_kv_heads)
         layers[i] = {
             "input_norm": {"weight": get(p + "input_layernorm.weight")},
             "qkv": qkv,
@@ -189,7 +194,7 @@ def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dic
             "post_attn_norm": {"weight": get(p + "post_attention_layernorm.weight")},
             "pre_mlp_norm": {"weight": get(p + "pre_feedforward_layernorm.weight")},
             "mlp": {
-                "gate_up": {"kernel": np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])},
+                "gate_up": {"kernel": fuse_gate_up(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))},
                 "down": {"kernel": get(p + "mlp.down_proj.weight")},
             },
             "post_mlp_norm": {"weight": get(p + "post_feedforward_layernorm.weight")},

@@ -6,11 +6,19 @@ Axis letters used in einsum strings and shape comments:
   P pages gathered per row, S = P * page_size attended past positions, F MLP width.
 
 Projection kernels are held in the layout the model's `Backend` chose (`models/backend.py`): [out, in] as
-checkpoints ship them, or packed for maxjax's CPU kernel; Q/K/V and gate/up are fused into one matmul each.
+checkpoints ship them, or packed for maxjax's CPU kernel; Q/K/V and gate/up are fused into one matmul each, laid
+out so that an even split of the fused output axis keeps whole heads and matching MLP columns together
+(`fuse_qkv`, `fuse_gate_up`): what tensor parallelism over heads and MLP columns needs.
+
+Every weight names its axes (`nnx.Param` metadata `out_sharding`, in the shape of its layout): "vocab", "embed",
+"heads" (query heads x head width), "kv_heads" (the fused Q/K/V output, grouped by KV head), "mlp", "head_dim".
+`graph/mesh.py` maps the names onto the device mesh.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -22,12 +30,21 @@ from maxjax import kernels
 from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, WeightLayout
 from maxjax.models.config import RopeConfig
 
+Axes = tuple[str | None, str | None]
+"""Logical names of a projection's [out, in] axes (`graph/mesh.py`)."""
+
+
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A weight with the logical names of its axes (sharded by them when placed, never at creation)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
 
 class RMSNorm(nnx.Module):
     """Root-mean-square norm; `offset` is 1.0 for Gemma-style norms that store `weight - 1`."""
 
-    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, dtype: jnp.dtype = jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, dtype: jnp.dtype = jnp.float32,
+                 axis: str = "embed"):
+        self.weight = _param(jnp.ones((dim,), dtype), (axis,))
         self.eps = eps
         self.offset = offset
 
@@ -39,13 +56,14 @@ class RMSNorm(nnx.Module):
 
 class Linear(nnx.Module):
     """`x @ kernel.T (+ bias)`, the kernel held in `layout` (`models/backend.py`): [out, in] as checkpoints ship
-    it, or packed for a kernel."""
+    it, or packed for a kernel. `axes` names the [out, in] axes (`graph/mesh.py`; unnamed: replicated)."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool = False, dtype: jnp.dtype = jnp.float32,
-                 layout: WeightLayout = CHECKPOINT_LAYOUT):
-        self.kernel = nnx.Param(jnp.zeros(layout.shape(d_out, d_in), dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+    def __init__(self, d_in: int, d_out: int, *, axes: Axes = (None, None), bias: bool = False,
+                 dtype: jnp.dtype = jnp.float32, layout: WeightLayout = CHECKPOINT_LAYOUT):
+        self.kernel = _param(jnp.zeros(layout.shape(d_out, d_in), dtype), layout.axes(*axes))
+        self.bias = _param(jnp.zeros((d_out,), dtype), axes[:1]) if bias else None
         self.d_out = d_out
+        self.axes = axes
         self.layout = layout
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,7 +74,7 @@ class Linear(nnx.Module):
 
     def use_layout(self, layout: WeightLayout) -> None:
         """Hold the kernel in `layout` from now on, packing it there (in place: the weights are never held twice)."""
-        self.layout = _relayout(self.kernel, self.layout, layout)
+        self.layout = _relayout(self.kernel, self.layout, layout, self.axes)
 
 
 class Embedding(nnx.Module):
@@ -67,10 +85,12 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype = jnp.float32,
                  layout: WeightLayout = CHECKPOINT_LAYOUT):
-        self.weight = nnx.Param(jnp.zeros(layout.shape(vocab_size, dim), dtype))
+        self.weight = _param(jnp.zeros(layout.shape(vocab_size, dim), dtype), layout.axes(*self.AXES))
         self.vocab_size = vocab_size
         self.dim = dim
         self.layout = layout
+
+    AXES: Axes = ("vocab", "embed")
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [...] -> embeddings [..., dim]."""
@@ -82,12 +102,13 @@ class Embedding(nnx.Module):
 
     def use_layout(self, layout: WeightLayout) -> None:
         """Hold the table in `layout` from now on, packing it there (in place)."""
-        self.layout = _relayout(self.weight, self.layout, layout)
+        self.layout = _relayout(self.weight, self.layout, layout, self.AXES)
 
 
-def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout) -> WeightLayout:
+def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout, axes: Axes) -> WeightLayout:
     if new == old:
         return new
+    param.set_metadata("out_sharding", new.axes(*axes))
     assert not old.packed, f"{old} cannot be repacked into {new}: pack from the checkpoint's [out, in] layout"
     w = param[...]
     if new.packed:
@@ -108,19 +129,61 @@ def use_backend(model: nnx.Module, backend: Backend) -> nnx.Module:
     return model
 
 
+GATE_UP_BLOCK = 16
+"""MLP columns per block of the fused gate/up kernel (`fuse_gate_up`); fewer where F is not a multiple."""
+
+
+def gate_up_block(hidden: int) -> int:
+    return math.gcd(hidden, GATE_UP_BLOCK)
+
+
+def fuse_gate_up(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The fused gate/up kernel [2F, D] (or bias [2F]) from gate's and up's rows: blocks of `gate_up_block(F)`
+    rows, alternating (gate 0, up 0, gate 1, up 1, ...), so that any even split of the output axis into a
+    divisor of F / block parts gives each part matching gate and up columns."""
+    f, rest = gate.shape[0], gate.shape[1:]
+    assert up.shape == gate.shape, f"gate {gate.shape} and up {up.shape} differ"
+    blk = gate_up_block(f)
+    return np.stack([gate.reshape(f // blk, blk, *rest), up.reshape(f // blk, blk, *rest)], axis=1).reshape(
+        2 * f, *rest)
+
+
 class GatedMLP(nnx.Module):
-    """SwiGLU (or GeGLU) with gate and up fused into one [D, 2F] matmul."""
+    """SwiGLU (or GeGLU) with gate and up fused into one [D, 2F] matmul (laid out by `fuse_gate_up`)."""
 
     def __init__(self, dim: int, hidden: int, *, activation: str = "silu", dtype: jnp.dtype = jnp.float32,
                  layout: WeightLayout = CHECKPOINT_LAYOUT):
-        self.gate_up = Linear(dim, 2 * hidden, dtype=dtype, layout=layout)
-        self.down = Linear(hidden, dim, dtype=dtype, layout=layout)
+        self.gate_up = Linear(dim, 2 * hidden, axes=("mlp", "embed"), dtype=dtype, layout=layout)
+        self.down = Linear(hidden, dim, axes=("embed", "mlp"), dtype=dtype, layout=layout)
+        self.hidden = hidden
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+        lead, blk = x.shape[:-1], gate_up_block(self.hidden)
+        blocks = self.gate_up(x).reshape(*lead, self.hidden // blk, 2, blk)  # [..., F / blk, gate | up, blk]
+        gate = blocks[..., 0, :].reshape(*lead, self.hidden)
+        up = blocks[..., 1, :].reshape(*lead, self.hidden)
         act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         return self.down(act * up)
+
+
+def fuse_qkv(qkv: Sequence[np.ndarray], num_kv_heads: int) -> np.ndarray:
+    """The fused Q/K/V kernel [(H + 2K) * E, D] (or bias) from [q [H * E, ...], k and v [K * E, ...]], grouped by
+    KV head: the G = H / K query heads of KV head 0, k head 0, v head 0, then KV head 1's, ...; so any even split
+    of the output axis into a divisor of K parts keeps each KV head with its query heads. `split_qkv` undoes it
+    on the projection's output."""
+    q, k, v = qkv
+    rest = q.shape[1:]
+    groups = [w.reshape(num_kv_heads, -1, *rest) for w in (q, k, v)]
+    return np.concatenate(groups, axis=1).reshape(-1, *rest)
+
+
+def split_qkv(y: jax.Array, num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[jax.Array, ...]:
+    """The fused projection's output [..., (H + 2K) * E] (`fuse_qkv`'s layout) -> q [..., H, E], k and v
+    [..., K, E]."""
+    lead, g = y.shape[:-1], num_heads // num_kv_heads
+    groups = y.reshape(*lead, num_kv_heads, g + 2, head_dim)  # [..., K, G q heads | k | v, E]
+    return groups[..., :g, :].reshape(*lead, num_heads, head_dim), groups[..., g, :], groups[..., g + 1, :]
 
 
 # ----------------------------------------------------------------------------------------------- rotary
@@ -187,7 +250,7 @@ class AttentionBatch(NamedTuple):
 class KVCache(NamedTuple):
     """The page pools of every layer. Keys are stored transposed inside a page so that q·k is a plain matmul.
 
-    Page 0 is never handed to a request: writes of padding tokens land there.
+    Page 0 is never handed to a request: writes of padding tokens land there. `KV_AXES` names the axes.
     """
 
     k: jax.Array
@@ -198,6 +261,13 @@ class KVCache(NamedTuple):
     @property
     def page_size(self) -> int:
         return int(self.k.shape[-1])
+
+
+KV_AXES: tuple[tuple[str, ...], tuple[str, ...]] = (
+    ("layers", "pages", "kv_heads", "head_dim", "page"),
+    ("layers", "pages", "kv_heads", "page", "head_dim"),
+)
+"""The logical axis names of `KVCache.k` and `.v` (`graph/mesh.py`): split by KV head under tensor parallelism."""
 
 
 BLOCK_TOKENS = 128

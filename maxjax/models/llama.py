@@ -26,9 +26,12 @@ from maxjax.models.layers import (
     Linear,
     RMSNorm,
     apply_rope,
+    fuse_gate_up,
+    fuse_qkv,
     paged_attention,
     rope_cos_sin,
     rope_inv_freq,
+    split_qkv,
 )
 
 
@@ -39,10 +42,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.backend = backend
         layout = backend.weights
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.qkv = Linear(cfg.hidden_size, (h + 2 * k) * e, bias=cfg.attention_bias, dtype=dtype, layout=layout)
-        self.q_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
-        self.o = Linear(h * e, cfg.hidden_size, dtype=dtype, layout=layout)
+        self.qkv = Linear(cfg.hidden_size, (h + 2 * k) * e, axes=("kv_heads", "embed"), bias=cfg.attention_bias,
+                          dtype=dtype, layout=layout)  # rows grouped by KV head (`fuse_qkv`)
+        self.q_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype, axis="head_dim") if cfg.qk_norm else None
+        self.k_norm = RMSNorm(e, eps=cfg.rms_norm_eps, dtype=dtype, axis="head_dim") if cfg.qk_norm else None
+        self.o = Linear(h * e, cfg.hidden_size, axes=("embed", "heads"), dtype=dtype, layout=layout)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(
             cfg.hidden_size, cfg.intermediate_size, activation=cfg.activation, dtype=dtype, layout=layout
@@ -54,8 +58,7 @@ class LlamaDecoderLayer(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, kk, v = jnp.split(self.qkv(self.input_norm(x)), [h * e, (h + k) * e], axis=-1)
-        q, kk, v = q.reshape(b, t, h, e), kk.reshape(b, t, k, e), v.reshape(b, t, k, e)
+        q, kk, v = split_qkv(self.qkv(self.input_norm(x)), h, k, e)
         if self.q_norm is not None and self.k_norm is not None:
             q, kk = self.q_norm(q), self.k_norm(kk)
         q = apply_rope(q, batch.cos, batch.sin)  # [B, T, H, E]
@@ -80,7 +83,8 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype, backend) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         tied = cfg.tie_word_embeddings
-        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, layout=layout)
+        self.lm_head = None if tied else Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), dtype=dtype,
+                                                layout=layout)
 
     def forward(
         self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array
@@ -116,14 +120,15 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def load_params(cfg: TransformerConfig, get: Callable[[str], np.ndarray]) -> dict[str, Any]:
-    """The model's parameters as a pure dict (the shape of `nnx.to_pure_dict`), from HF tensor names."""
+    """The model's parameters as a pure dict (the shape of `nnx.to_pure_dict`), from HF tensor names. Q/K/V and
+    gate/up are fused here, in the layout tensor parallelism can split (`fuse_qkv`, `fuse_gate_up`)."""
     layers = {}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        qkv = {"kernel": np.concatenate([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])}
+        qkv = {"kernel": fuse_qkv([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], cfg.num_kv_heads)}
         if cfg.attention_bias:
-            qkv["bias"] = np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        gate_up = np.concatenate([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            qkv["bias"] = fuse_qkv([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], cfg.num_kv_heads)
+        gate_up = fuse_gate_up(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
         layers[i] = {
             "input_norm": {"weight": get(p + "input_layernorm.weight")},
             "qkv": qkv,
