@@ -162,7 +162,6 @@ class ModelRunner:
         # the pool is only reserved: it costs nothing at start and becomes resident as it is written. Otherwise
         # it is zeroed on a thread of its own (on CPU, seconds per GiB of first-touch page faults), which
         # warm-up overlaps; `cache` waits for it.
-        self.lazy_pool = self.backend.past_kernel
         cache_shardings = cache_spec.shardings(self.mesh)
         self._cache_avals = KVCache(*(jax.ShapeDtypeStruct(shape, cache_spec.dtype, sharding=sharding)  # type: ignore[arg-type]
                                       for shape, sharding in zip(cache_spec.shapes, cache_shardings, strict=True)))
@@ -188,6 +187,11 @@ class ModelRunner:
         self._loads: PendingLoads | None = None
         self._ran: set[tuple[int, int, int]] = set()
         """Step shapes whose executable has run at least once (see `first_run`)."""
+
+    @property
+    def lazy_pool(self) -> bool:
+        """Whether the pool is only reserved (attention reads it through the CPU kernel), not zeroed."""
+        return self.backend.past_kernel
 
     @property
     def cache(self) -> KVCache:

@@ -14,8 +14,9 @@ The life of a request:
 3. The handler's iterator yields the outputs until one carries a finish reason. Closing it early (a stop
    string matched, the client disconnected) puts a "cancel" into the inbox: the next iteration removes the
    sequence and frees its batch row and KV pages.
-4. With nothing to serve, the thread gives each executable of the grid its first run, one per idle moment
-   (the first run of an XLA:CPU executable costs 0.3-0.5 s extra; requests should not pay it).
+4. With nothing to serve, the thread gives each executable of the grid that has not had it its first run, one
+   per idle moment (the first run of an XLA:CPU executable costs up to 0.4 s extra; requests should not pay it;
+   the decode steps had theirs before the server was ready).
 5. Shutting down (`serve/http_server.py`): `open_requests()` tells the server when the last stream finished;
    `abort_all()` ends whatever is still open then with `Aborted`, and refuses new requests with it.
 6. What one request carries can fail only that request: admission is where its values become step inputs, and
@@ -49,9 +50,9 @@ class EngineError(RuntimeError):
 class _Stream:
     request: GenerationRequest
     admitted: Request
+    """The engine's request; `_streams` is keyed by its id once the scheduler took it."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[GenerationOutput | BaseException] = field(default_factory=asyncio.Queue)
-    seq: Request | None = None
     done: bool = False
 
     def deliver(self, item: GenerationOutput | BaseException) -> None:
@@ -183,8 +184,8 @@ class AsyncEngine:
                 self._add(stream)
                 with self._lock:  # after the stream is in _streams: open_requests() never misses it
                     self._pending_adds -= 1
-            elif stream.seq is not None and self._streams.pop(id(stream.seq), None) is not None:
-                self.core.cancel(stream.seq)
+            elif self._streams.pop(id(stream.admitted), None) is not None:
+                self.core.cancel(stream.admitted)
         if self._aborting:
             for stream in list(self._streams.values()):
                 self.core.cancel(stream.admitted)
@@ -207,7 +208,6 @@ class AsyncEngine:
         if not queued:
             stream.deliver(QueueFullError("the queue is full"))
             return
-        stream.seq = seq
         self._streams[id(seq)] = stream
 
     def _report(self) -> None:

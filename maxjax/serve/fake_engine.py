@@ -137,7 +137,6 @@ class _FakeStream:
         self.tokens = engine.script(request.prompt_ids, p, request.request_id)
         self.rng = engine._rng(request.prompt_ids, p, request.request_id + "/logprobs")
         self.state = Request(request.request_id, list(request.prompt_ids), p)
-        self.generated = 0
         self.outputs = 0
         self.done = False
 
@@ -159,13 +158,12 @@ class _FakeStream:
             raise RuntimeError("the fake engine failed, as asked")
         ids: list[int] = []
         while len(ids) < engine.tokens_per_step and not self.state.finished:
-            n = self.generated
+            n = self.state.generated
             if engine.eos_after is not None and n == engine.eos_after and n >= p.min_tokens and not p.ignore_eos:
                 token = engine.eos_token_id
             else:
                 token = self.tokens[n] if n < len(self.tokens) else engine.pool[0]
             ids.append(token)
-            self.generated += 1
             self.state.tokens.append(token)
             check_stop(self.state, eos_token_ids=frozenset({engine.eos_token_id}), max_length=engine.max_model_len)
         finish = self.state.finish_reason
