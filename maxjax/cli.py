@@ -73,6 +73,9 @@ def engine_options(f: Any) -> Any:
                      help="An explicit KV pool size in pages (overrides --device-memory-utilization)."),
         click.option("--prefill-chunk-size", default=512, show_default=True, type=click.IntRange(min=16),
                      help="Prompt tokens per prefill step (a power of two); longer prompts are chunked."),
+        click.option("--overlap-scheduler/--no-overlap-scheduler", default=True, show_default=True,
+                     help="Plan and dispatch each step while the one before still runs (decode rows read their "
+                          "token on the device)."),
     ]):
         f = option(f)
     return f
@@ -92,14 +95,15 @@ def compile_cache_options(f: Any) -> Any:
 
 def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_utilization: float | None,
                     kv_cache_page_size: int, kv_cache_pages: int | None, prefill_chunk_size: int,
-                    compile_cache_dir: Path | None, no_compile_cache: bool) -> dict[str, Any]:
+                    overlap_scheduler: bool, compile_cache_dir: Path | None,
+                    no_compile_cache: bool) -> dict[str, Any]:
     """The scheduler, KV and compile-cache parts of a `PipelineConfig` from `engine_options` and
     `compile_cache_options` (ValueError on a bad value)."""
     from maxjax.config import CompileCacheConfig, KVCacheConfig, SchedulerConfig
 
     return {
         "scheduler": SchedulerConfig(max_batch_size=max_batch_size, max_length=max_length,
-                                     prefill_chunk_size=prefill_chunk_size),
+                                     prefill_chunk_size=prefill_chunk_size, overlap=overlap_scheduler),
         "kv_cache": KVCacheConfig(page_size=kv_cache_page_size, device_memory_utilization=device_memory_utilization,
                                   num_pages=kv_cache_pages),
         "compile_cache": CompileCacheConfig(enabled=not no_compile_cache, directory=compile_cache_dir),
@@ -168,7 +172,8 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
           custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
           device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
-          prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool, max_queue_size: int,
+          prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
+          no_compile_cache: bool, max_queue_size: int,
           chat_template: str | None, api_key: str | None, shutdown_timeout: float) -> None:
     """Serve a model behind an OpenAI-compatible API."""
     from maxjax.config import PipelineConfig, ServerConfig
@@ -177,7 +182,8 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
     try:
         config = PipelineConfig(
             **_engine_configs(max_batch_size, max_length, device_memory_utilization, kv_cache_page_size,
-                              kv_cache_pages, prefill_chunk_size, compile_cache_dir, no_compile_cache),
+                              kv_cache_pages, prefill_chunk_size, overlap_scheduler, compile_cache_dir,
+                              no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                                 max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout),
         )
@@ -195,7 +201,8 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
 def warm_cache(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
                custom_architectures: tuple[str, ...], max_batch_size: int, max_length: int | None,
                device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
-               prefill_chunk_size: int, compile_cache_dir: Path | None, no_compile_cache: bool) -> None:
+               prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
+               no_compile_cache: bool) -> None:
     """Compile everything `max serve` with the same flags runs into the compile cache, without serving.
 
     A later `max serve` with the same model and flags loads the executables instead of compiling them.
@@ -206,7 +213,7 @@ def warm_cache(model: str | None, revision: str | None, quantization_encoding: s
     try:
         config = PipelineConfig(**_engine_configs(max_batch_size, max_length, device_memory_utilization,
                                                   kv_cache_page_size, kv_cache_pages, prefill_chunk_size,
-                                                  compile_cache_dir, no_compile_cache))
+                                                  overlap_scheduler, compile_cache_dir, no_compile_cache))
     except ValueError as e:
         raise UserError(str(e)) from None
     report = run(config, model=model, revision=revision, quantization_encoding=quantization_encoding,

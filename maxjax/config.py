@@ -46,6 +46,8 @@ class SchedulerConfig:
     """Longest sequence (prompt + output) in tokens; None = the model's own context length."""
     prefill_chunk_size: int = 512
     """Prompt tokens processed in one prefill step; longer prompts are chunked so decodes keep running."""
+    overlap: bool = True
+    """Dispatch each step before the tokens of the one before are fetched (`EngineCore.step`)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -75,7 +75,7 @@ def generate(
     first = None
     ids: list[int] = []
     pieces: list[str] = []
-    while core.scheduler.has_work:
+    while core.has_work:
         for _, out in core.step():
             if first is None:
                 first = time.perf_counter()

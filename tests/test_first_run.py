@@ -13,7 +13,7 @@ from maxjax.serve.protocol import GenerationRequest, SamplingParams
 def _greedy(core: EngineCore, prompt: tuple[int, ...]) -> list[int]:
     core.add(GenerationRequest("r", prompt, SamplingParams(max_tokens=12, temperature=0.0)))
     ids: list[int] = []
-    while core.scheduler.has_work:
+    while core.has_work:
         for _, out in core.step():
             ids.extend(out.token_ids)
     return ids

@@ -74,7 +74,7 @@ def test_greedy_continuations_match_reference_in_one_batch(loaded: LoadedModel) 
     plan = core.scheduler.plan
     prefill_rows = []
     core.scheduler.plan = lambda: (p := plan(), prefill_rows.append(len(p.prefill)))[0]  # type: ignore[method-assign]
-    while core.scheduler.has_work:
+    while core.has_work:
         max_rows = max(max_rows, sum(not s.in_prefill for s in core.scheduler.running))
         for seq, out in core.step():
             got[seq.request_id].extend(out.token_ids)
@@ -107,7 +107,7 @@ def test_prefix_cache_hit_gives_the_same_greedy_tokens(loaded: LoadedModel) -> N
         seq = core.add(GenerationRequest(f"r{i}", tuple(case["prompt_ids"]), SamplingParams(max_tokens=8, temperature=0)))
         assert seq is not None
         tokens: list[int] = []
-        while core.scheduler.has_work:
+        while core.has_work:
             for _, out in core.step():
                 tokens.extend(out.token_ids)
         runs.append((seq.prefix_hit, tokens))

@@ -40,6 +40,12 @@ class StepInputs(NamedTuple):
     """[B, P] int32: the row's pages covering its past (page 0 beyond them)."""
     logit_index: Arr
     """[B, 1] int32: which new token's logits to sample from (the row's last)."""
+    batch_row: Arr
+    """[B] int32: the request's row in the persistent batch (1..max_batch_size; padding -> 0, the scratch row):
+    where the step leaves the token it samples for the row, in the device's `last_tokens`."""
+    feed: Arr
+    """[B] bool: the row's one new token is the one the device sampled for its batch row last (a decode row):
+    the host need not know it, so the step can be dispatched before the previous one's tokens are fetched."""
     sampling: SamplingArrays
     """Per-row sampling arrays."""
     adjust: LogitAdjustments
@@ -62,12 +68,15 @@ FIELDS: tuple[Field, ...] = (
     Field("slots", (TOKENS,), np.int32, 0),  # padding writes go to page 0, the scratch page
     Field("page_table", (PAGES,), np.int32, 0),
     Field("logit_index", (1,), np.int32, 0),
+    Field("batch_row", (), np.int32, 0),  # padding rows leave their token in row 0, the scratch row
+    Field("feed", (), np.bool_, False),
     Field("sampling.temperature", (), np.float32, 0.0),
     Field("sampling.top_p", (), np.float32, 1.0),
     Field("sampling.top_k", (), np.int32, 0),
     Field("sampling.min_p", (), np.float32, 0.0),
     Field("sampling.seed", (), np.uint32, 0),
     Field("sampling.position", (), np.int32, 0),
+    Field("sampling.logprobs", (), np.bool_, False),
     Field("adjust.ids", (ADJUST_SLOTS,), np.int32, VOCAB),
     Field("adjust.count", (ADJUST_SLOTS,), np.float32, 0.0),
     Field("adjust.seen", (ADJUST_SLOTS,), np.bool_, False),

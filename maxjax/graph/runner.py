@@ -82,10 +82,14 @@ class CacheSpec:
 
 
 def _step(
-    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, inputs: StepInputs
-) -> tuple[KVCache, SampleOutput, jax.Array]:
+    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, last_tokens: jax.Array,
+    inputs: StepInputs,
+) -> tuple[KVCache, jax.Array, SampleOutput, jax.Array]:
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    hidden, new_k, new_v = model.forward(inputs.tokens, cache, inputs.page_table, inputs.past_len)
+    # A fed row's token is the one the device sampled for its batch row in an earlier step: the host dispatches
+    # a decode step without waiting for the previous step's tokens.
+    tokens = jnp.where(inputs.feed[:, None], last_tokens[inputs.batch_row][:, None], inputs.tokens)
+    hidden, new_k, new_v = model.forward(tokens, cache, inputs.page_table, inputs.past_len)
     raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
     # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
@@ -93,7 +97,8 @@ def _step(
     # so this adds exactly 0).
     after_reads = (raw[0, 0] > jnp.inf).astype(new_k.dtype)
     cache = write_kv(cache, new_k + after_reads, new_v + after_reads, inputs.slots)
-    return cache, sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw), hidden
+    out = sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw)
+    return cache, last_tokens.at[inputs.batch_row].set(out.tokens), out, hidden
 
 
 def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
@@ -173,9 +178,13 @@ class ModelRunner:
         # Explicit shardings in and out (the batch and the results replicated): the graphs are partitioned for
         # the mesh they will run on, and the pool keeps its sharding from step to step.
         rep = meshes.replicated(self.mesh)
-        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=3,
-                               in_shardings=(self._param_shardings, cache_shardings, rep),
-                               out_shardings=(cache_shardings, rep, rep))
+        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3, 4),
+                               in_shardings=(self._param_shardings, cache_shardings, rep, rep),
+                               out_shardings=(cache_shardings, rep, rep, rep))
+        # The token each batch row sampled last (row 0: the scratch row padding rows write), kept on the device
+        # from step to step: decode rows read their next token here (`StepInputs.feed`).
+        self._last_tokens_aval = jax.ShapeDtypeStruct((grid.max_batch_size + 1,), jnp.int32, sharding=rep)
+        self._last_tokens = jax.device_put(np.zeros(grid.max_batch_size + 1, np.int32), rep)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._score = jax.jit(_score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
                               out_shardings=rep)
@@ -206,7 +215,7 @@ class ModelRunner:
 
     def _lower(self, shape: tuple[int, int, int]) -> Any:
         return self._jitted.lower(self.graphdef, self._treedef, self._params,
-                                  self._cache_avals, batch.abstract(*shape))
+                                  self._cache_avals, self._last_tokens_aval, batch.abstract(*shape))
 
     def compile(self, shape: tuple[int, int, int]) -> Any:
         """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
@@ -313,12 +322,12 @@ class ModelRunner:
 
     def step(self, inputs: StepInputs) -> tuple[SampleOutput, jax.Array]:
         """Run one bucketed step: (sampled tokens, hidden states [B, T, D]), left on the device (dispatch is
-        asynchronous)."""
+        asynchronous). The host arrays in `inputs` may be read after this returns: never write them again."""
         shape = (inputs.tokens.shape[0], inputs.tokens.shape[1], inputs.page_table.shape[1])
         executable = self._compiled.get(shape)
         if executable is None:
             executable = self._executable(("step", shape))
-        self.cache, out, hidden = executable(self._params, self.cache, inputs)
+        self.cache, self._last_tokens, out, hidden = executable(self._params, self.cache, self._last_tokens, inputs)
         self._ran.add(shape)
         return out, hidden
 

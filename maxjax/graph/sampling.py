@@ -47,6 +47,8 @@ class SamplingArrays(NamedTuple):
     """[B] uint32."""
     position: Arr
     """[B] int32: position of the token being sampled (folded into the row's key)."""
+    logprobs: Arr
+    """[B] bool: the row's request asked for logprobs (a step computes them only when one of its rows did)."""
 
 
 class LogitAdjustments(NamedTuple):
@@ -98,10 +100,39 @@ class SampleOutput(NamedTuple):
 
 def sample(logits: jax.Array, params: SamplingArrays, raw: jax.Array) -> SampleOutput:
     """logits [B, V] float32 (after `adjust_logits`) -> one token per row; logprobs come from `raw`, the
-    model's own logits."""
-    b, vocab = logits.shape
-    n_cand = min(CANDIDATES, vocab)
-    log_z = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
+    model's own logits.
+
+    What no row of the step asks for is not computed: the candidates (a top-k over the vocabulary, as costly as
+    the rest of sampling together) only when a row samples with a temperature, the logprobs and their top
+    alternatives only when a row asked for them (zeros otherwise). `lax.cond` runs one branch, so one
+    executable serves every mix."""
+    tokens = jax.lax.cond(jnp.any(params.temperature > 0), _draw, _best, logits, params).astype(jnp.int32)
+
+    def scored(raw: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        log_z = jax.nn.logsumexp(raw, axis=-1, keepdims=True)
+        logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=1)[:, 0] - log_z[:, 0]
+        top_raw, top_ids = jax.lax.top_k(raw, TOP_LOGPROBS)
+        return (jnp.maximum(logprobs, LOGPROB_FLOOR), top_ids.astype(jnp.int32),
+                jnp.maximum(top_raw - log_z, LOGPROB_FLOOR))
+
+    def unscored(raw: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b = raw.shape[0]
+        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
+                jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+
+    logprobs, top_ids, top_logprobs = jax.lax.cond(jnp.any(params.logprobs), scored, unscored, raw, tokens)
+    return SampleOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+
+
+def _best(logits: jax.Array, params: SamplingArrays) -> jax.Array:
+    """Every row's token when every row is greedy."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _draw(logits: jax.Array, params: SamplingArrays) -> jax.Array:
+    """Each row's token: drawn from its candidates with temperature, top-k, top-p and min-p; a greedy row's
+    (temperature 0) the best."""
+    n_cand = min(CANDIDATES, logits.shape[1])
     cand_logits, cand_ids = jax.lax.top_k(logits, n_cand)  # [B, C], best first
     # Without the barrier XLA fuses top_k into each consumer and recomputes it (311 ms vs 18 ms at batch 32).
     cand_logits, cand_ids = jax.lax.optimization_barrier((cand_logits, cand_ids))
@@ -124,14 +155,4 @@ def sample(logits: jax.Array, params: SamplingArrays, raw: jax.Array) -> SampleO
     noise = jax.vmap(row_noise)(params.seed, params.position)
     choice = jnp.argmax(jnp.where(keep, scaled + noise, -jnp.inf), axis=-1)
     sampled = jnp.take_along_axis(cand_ids, choice[:, None], axis=1)[:, 0]
-    tokens = jnp.where(params.temperature > 0, sampled, cand_ids[:, 0]).astype(jnp.int32)
-
-    logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=1)[:, 0] - log_z[:, 0]
-    top_raw, top_ids = jax.lax.top_k(raw, TOP_LOGPROBS)
-    top_logprobs = top_raw - log_z
-    return SampleOutput(
-        tokens=tokens,
-        logprobs=jnp.maximum(logprobs, LOGPROB_FLOOR),
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=jnp.maximum(top_logprobs, LOGPROB_FLOOR),
-    )
+    return jnp.where(params.temperature > 0, sampled, cand_ids[:, 0])

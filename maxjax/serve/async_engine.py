@@ -135,7 +135,7 @@ class AsyncEngine:
         try:
             while not self._stopped:
                 self._drain_inbox()
-                if not self.core.scheduler.has_work:
+                if not self.core.has_work:
                     self._report()
                     if not self._idle_done and self._idle_work():
                         continue

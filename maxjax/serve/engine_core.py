@@ -41,7 +41,7 @@ from maxjax.serve.protocol import (
     TokenLogprob,
 )
 from maxjax.serve.request import Request, check_stop
-from maxjax.serve.scheduler import Scheduler
+from maxjax.serve.scheduler import Plan, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,42 @@ class StepTime(NamedTuple):
     host: float
     """Seconds on the host: planning, writing the batch, dispatching, postprocessing."""
     device_wait: float
-    """Seconds waiting for the device's results (the host has nothing to overlap them with yet)."""
+    """Seconds waiting for the device's results (what the host's work did not cover)."""
+
+
+class _RowTable:
+    """The persistent batch: each running request's per-row values at its batch row, written once when it is
+    admitted (`seat`); a step gathers its rows from here instead of writing every row's values again."""
+
+    def __init__(self, rows: int, max_pages: int):
+        self.temperature = np.zeros(rows, np.float32)
+        self.top_p = np.ones(rows, np.float32)
+        self.top_k = np.zeros(rows, np.int32)
+        self.min_p = np.zeros(rows, np.float32)
+        self.seed = np.zeros(rows, np.uint32)
+        self.logprobs = np.zeros(rows, np.bool_)
+        self.pages = np.zeros((rows, max_pages), np.int32)
+        """Every page the request holds, in order (0 beyond)."""
+
+    def seat(self, req: Request) -> None:
+        at, row = req.batch_row, req.row
+        self.temperature[at], self.top_p[at], self.top_k[at] = row.temperature, row.top_p, row.top_k
+        self.min_p[at], self.seed[at] = row.min_p, row.seed
+        self.logprobs[at] = req.params.logprobs is not None
+        self.pages[at] = 0
+        self.pages[at, : len(req.pages)] = req.pages
+
+
+@dataclass
+class _Launched:
+    """A step dispatched to the device whose results are not fetched yet."""
+
+    plan: Plan
+    starts: list[int]
+    """Each prefill row's cached length before the step."""
+    prefill: SampleOutput | None
+    scores: PromptScores | None
+    decode: SampleOutput | None
 
 
 @dataclass(frozen=True)
@@ -69,6 +104,9 @@ class _Row:
     frequency: np.float32
     repetition: np.float32
     logit_bias: dict[int, float]
+    adjusts: bool
+    """The request edits its logits (penalties, biases, bans): its rows need the adjustment slots, and its
+    next step the tokens sampled before it (`EngineCore.step` waits for them)."""
 
 
 def admit(request: GenerationRequest, vocab_size: int) -> Request:
@@ -111,6 +149,7 @@ def admit(request: GenerationRequest, vocab_size: int) -> Request:
         frequency=number("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
         repetition=number("repetition_penalty", p.repetition_penalty, 0.0, 10.0, lo_open=True),
         logit_bias={t: float(number("logit_bias", b, -100.0, 100.0)) for t, b in p.logit_bias.items()},
+        adjusts=_adjusts(p),
     )
     req = Request(request.request_id, list(request.prompt_ids), p, row=row)
     if p.repetition_penalty != 1.0:
@@ -126,14 +165,19 @@ def _adjusts(p: SamplingParams) -> bool:
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int]):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int], *,
+                 overlap: bool = True):
         self.runner = runner
+        self.overlap = overlap
+        """Dispatch each step before fetching the tokens of the one before (`step`)."""
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
         self.grid = runner.grid
         self.page_size = scheduler.page_size
         self.last_step: StepTime | None = None
         """Where the last step's time went (the server's metrics add these up)."""
+        self._rows = _RowTable(scheduler.max_batch_size + 1, self.grid.max_pages)
+        self._in_flight: _Launched | None = None
 
     @classmethod
     def create(
@@ -165,7 +209,8 @@ class EngineCore:
             max_length=max_length, chunk_size=grid.prefill_chunk, max_queue=max_queue,
             prefill_width=grid.prefill_width,
         )
-        return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids))
+        return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids),
+                   overlap=scheduler.overlap)
 
     def admit(self, request: GenerationRequest) -> Request:
         """Check and convert a request (`admit`) into one the scheduler can take. Touches no engine state, so the
@@ -203,57 +248,107 @@ class EngineCore:
         return True
 
     def cancel(self, seq: Request) -> None:
+        """End a request now (its pages and batch row are free for the next plan: a step still running that
+        holds it runs before any step that reuses them, and its token is dropped)."""
         seq.abort()
         self.scheduler.finish(seq)
 
+    @property
+    def has_work(self) -> bool:
+        """Requests waiting or running, or a step whose results are not fetched yet."""
+        return self.scheduler.has_work or self._in_flight is not None
+
     def step(self) -> list[tuple[Request, GenerationOutput]]:
-        """Run one iteration: schedule -> run -> postprocess. Returns the outputs produced; requests that
-        finished have left the scheduler."""
+        """Run one iteration: schedule -> dispatch -> postprocess the step before. Returns the outputs produced;
+        requests that finished have left the scheduler.
+
+        The host overlaps the device: the next step is planned and dispatched while the one before still runs
+        (decode rows read their token from the device, `StepInputs.feed`), and only then are the earlier step's
+        tokens fetched and postprocessed. A request that ends with a stop token therefore runs one step more
+        than it needs, whose token is dropped. When a running request needs the tokens before its next step is
+        built (penalties, biases and bans read them), the step waits for them first.
+        """
         started = time.perf_counter()
-        plan = self.scheduler.plan()
         results: list[tuple[Request, GenerationOutput]] = []
-        if plan.empty:
-            return results
-        prefill_out, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
-        decode_out = self._run_decode(plan.decode) if plan.decode else None
-        # Fetch both results in one transfer, after both steps were dispatched.
-        waited = time.perf_counter()
-        prefill_host, scores, decode_host = jax.device_get((prefill_out, scores, decode_out))
-        waited = time.perf_counter() - waited
-        for row, (seq, n) in enumerate(plan.prefill):
-            if scores is not None:  # a request that wants prompt logprobs is prefilled alone
-                self._add_prompt_logprobs(seq, scores, n)
-            if seq.cached + n == len(seq.prompt):  # its last prompt chunk: the step sampled its first token
-                results.append((seq, self._append(seq, prefill_host, row)))
-        for row, seq in enumerate(plan.decode):
-            results.append((seq, self._append(seq, decode_host, row)))
-        self.scheduler.update(plan)
-        self.last_step = StepTime(time.perf_counter() - started - waited, waited)
+        waited = 0.0
+        if self._in_flight is not None and any(r.row.adjusts for r in self.scheduler.running):
+            waited += self._collect(results)
+        plan = self.scheduler.plan()
+        launched = self._launch(plan) if not plan.empty else None
+        if self._in_flight is not None:
+            waited += self._collect(results)
+        self._in_flight = launched
+        if not self.overlap and self._in_flight is not None:
+            waited += self._collect(results)
+        if launched is not None or results:
+            self.last_step = StepTime(time.perf_counter() - started - waited, waited)
         return results
+
+    def _launch(self, plan: Plan) -> _Launched:
+        """Dispatch the plan's steps (a prefill step, a decode step); the scheduler counts what they cache."""
+        for req in plan.admitted:
+            self._rows.seat(req)
+        starts = [req.cached for req, _ in plan.prefill]
+        prefill, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
+        decode = self._run_decode(plan.decode) if plan.decode else None
+        self.scheduler.advance(plan)
+        return _Launched(plan, starts, prefill, scores, decode)
+
+    def _collect(self, results: list[tuple[Request, GenerationOutput]]) -> float:
+        """Fetch the step in flight (one transfer for both of its parts), append each row's token to its request
+        and its output to `results`; requests that finished leave. Returns the seconds spent waiting."""
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        waited = time.perf_counter()
+        prefill, scores, decode = jax.device_get((launched.prefill, launched.scores, launched.decode))
+        waited = time.perf_counter() - waited
+        plan = launched.plan
+        for row, ((seq, n), start) in enumerate(zip(plan.prefill, launched.starts, strict=True)):
+            if seq.finished:
+                continue  # cancelled while the step ran
+            if scores is not None:  # a request that wants prompt logprobs is prefilled alone
+                self._add_prompt_logprobs(seq, scores, start, n)
+            if start + n == len(seq.prompt):  # its last prompt chunk: the step sampled its first token
+                results.append((seq, self._append(seq, prefill, row)))
+        for row, seq in enumerate(plan.decode):
+            if not seq.finished:  # (ended by the step before, or cancelled: this token is dropped)
+                results.append((seq, self._append(seq, decode, row)))
+        self.scheduler.retire([*(s for s, _ in plan.prefill), *plan.decode])
+        return waited
 
     # ------------------------------------------------------------------------------------- batches
 
     def _batch(self, chunks: list[tuple[Request, int]], rows: int, width: int) -> StepInputs:
-        """The step's inputs: `batch.padding` of the bucket, each live row written in (row r holds the next `n`
-        tokens of chunk r's request, from its cached length on)."""
+        """The step's inputs: `batch.padding` of the bucket, each live row gathered from the persistent batch
+        (row r holds the next `n` tokens of chunk r's request, from its cached length on). A decode row's
+        token is the one the device sampled for it last (`feed`); a prefill row's come from its prompt."""
         inputs = batch.padding(rows, width, self.grid.max_pages, self.runner.vocab_size)
-        sampling, adjust = inputs.sampling, inputs.adjust
-        for r, (req, n) in enumerate(chunks):
-            start = req.cached
-            inputs.tokens[r, :n] = req.tokens[start : start + n]
-            positions = np.arange(start, start + n)
-            pages = np.asarray(req.pages, np.int32)
-            inputs.slots[r, :n] = pages[positions // self.page_size] * self.page_size + positions % self.page_size
-            cached_pages = -(-start // self.page_size)
-            inputs.page_table[r, :cached_pages] = pages[:cached_pages]
-            inputs.past_len[r] = start
-            inputs.logit_index[r, 0] = n - 1
-            row: _Row = req.row
-            sampling.temperature[r], sampling.top_p[r] = row.temperature, row.top_p
-            sampling.top_k[r], sampling.min_p[r], sampling.seed[r] = row.top_k, row.min_p, row.seed
-            sampling.position[r] = start + n
-            if _adjusts(req.params):
-                self._write_adjustments(req, r, adjust)
+        n, ps, table = len(chunks), self.page_size, self._rows
+        at = np.fromiter((req.batch_row for req, _ in chunks), np.int32, n)
+        start = np.fromiter((req.cached for req, _ in chunks), np.int32, n)
+        count = np.fromiter((c for _, c in chunks), np.int32, n)
+        pages = table.pages[at]  # [n, max_pages]
+        inputs.batch_row[:n] = at
+        inputs.past_len[:n] = start
+        inputs.logit_index[:n, 0] = count - 1
+        cached_pages = -(-start // ps)
+        inputs.page_table[:n] = np.where(np.arange(pages.shape[1]) < cached_pages[:, None], pages, 0)
+        positions = start[:, None] + np.arange(width)  # [n, width]
+        page = np.take_along_axis(pages, np.minimum(positions // ps, pages.shape[1] - 1), axis=1)
+        inputs.slots[:n] = np.where(np.arange(width) < count[:, None], page * ps + positions % ps, 0)
+        sampling = inputs.sampling
+        sampling.temperature[:n], sampling.top_p[:n], sampling.top_k[:n] = (
+            table.temperature[at], table.top_p[at], table.top_k[at])
+        sampling.min_p[:n], sampling.seed[:n] = table.min_p[at], table.seed[at]
+        sampling.logprobs[:n] = table.logprobs[at]
+        sampling.position[:n] = start + count
+        if width == 1:
+            inputs.feed[:n] = True
+        for r, (req, c) in enumerate(chunks):
+            if width > 1:
+                inputs.tokens[r, :c] = req.tokens[req.cached : req.cached + c]
+            if req.row.adjusts:
+                self._write_adjustments(req, r, inputs.adjust)
         return inputs
 
     def _write_adjustments(self, req: Request, r: int, adjust: LogitAdjustments) -> None:
@@ -295,14 +390,14 @@ class EngineCore:
         targets[0, : len(nxt)] = nxt
         return out, self.runner.score(hidden, targets)
 
-    def _add_prompt_logprobs(self, seq: Request, scores: PromptScores, n: int) -> None:
-        req = seq
+    def _add_prompt_logprobs(self, req: Request, scores: PromptScores, start: int, n: int) -> None:
+        """The logprobs of prompt tokens start + 1 .. start + n (the chunk's positions score the next token)."""
         k = req.params.prompt_logprobs or 0
-        count = min(n, len(seq.prompt) - 1 - seq.cached)
+        count = min(n, len(req.prompt) - 1 - start)
         for i in range(count):
             top = tuple(zip(scores.top_ids[0, i, :k].tolist(), scores.top_logprobs[0, i, :k].tolist(), strict=True))
             req.prompt_logprobs.append(
-                TokenLogprob(token_id=seq.prompt[seq.cached + i + 1], logprob=float(scores.logprobs[0, i]), top=top)
+                TokenLogprob(token_id=req.prompt[start + i + 1], logprob=float(scores.logprobs[0, i]), top=top)
             )
 
     def _run_decode(self, seqs: list[Request]) -> SampleOutput:
@@ -314,7 +409,7 @@ class EngineCore:
         params = seq.params
         token = int(out.tokens[row])
         seq.tokens.append(token)
-        if _adjusts(params):
+        if seq.row.adjusts:
             seq.counts[token] = seq.counts.pop(token, 0) + 1  # re-inserted: the dict's order is the order of last use
         logprobs = None
         if params.logprobs is not None:

@@ -57,7 +57,9 @@ class Request:
     """Per-request state the logits depend on beyond the arrays (a grammar matcher); None for plain requests."""
     # The scheduler's bookkeeping (serve/scheduler.py changes these, nothing else does).
     cached: int = 0
-    """Tokens whose keys and values are in the cache."""
+    """Tokens whose keys and values are in the cache, or will be once the steps already dispatched ran."""
+    batch_row: int = 0
+    """The request's row in the persistent batch while it runs (1..max_batch_size; 0: none)."""
     pages: list[int] = field(default_factory=list)
     prefix_hit: int = 0
     """Prompt tokens found in the prefix cache at admission."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from maxjax.serve.request import PageHash, Request, Status
 
@@ -124,6 +124,8 @@ class Plan:
     """The sequences whose next prompt chunk runs this step, each with how many prompt tokens it covers."""
     decode: list[Request]
     """Requests that decode one token this step."""
+    admitted: list[Request] = field(default_factory=list)
+    """Requests that took a batch row and their pages for this plan (their per-row values go in once)."""
 
     @property
     def empty(self) -> bool:
@@ -146,6 +148,8 @@ class Scheduler:
         self.prefill_width = prefill_width or (lambda rows: chunk_size if rows == 1 else 0)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self._free_rows = list(range(max_batch_size, 0, -1))
+        """Rows of the persistent batch nobody holds (row 0 is the scratch row of padding)."""
 
     def pages_for(self, seq: Request) -> int:
         """Pages a sequence needs for its whole possible length."""
@@ -179,20 +183,24 @@ class Scheduler:
             seq.hashes = prefix_hashes(seq.prompt, self.page_size, self._shareable_pages(seq))
         return seq.hashes
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Request]:
+        admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             hits = self.pages.lookup(self._hashes(seq)) if seq.reuse_prefix else []
             need = self.pages_for(seq) - len(hits)
             if need > self.pages.free - self.pages.unreferenced(hits):
-                return  # first come, first served: later requests do not overtake a large one
+                break  # first come, first served: later requests do not overtake a large one
             self.waiting.popleft()
             self.pages.share(hits)
             seq.pages = hits + self.pages.allocate(need)
             seq.cached = seq.prefix_hit = len(hits) * self.page_size
             seq.registered = len(hits)
             seq.status = Status.RUNNING
+            seq.batch_row = self._free_rows.pop()
             self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
     def prefilled(self, seq: Request) -> None:
         """Register the prompt pages that are now complete in the cache, for later requests to share."""
@@ -205,10 +213,19 @@ class Scheduler:
         seq.registered = max(seq.registered, complete)
 
     def plan(self) -> Plan:
-        self._admit()
+        """The next step. It may be planned while the step before is still running (its tokens unknown): a
+        request whose last token by length is already on the way gets no more steps; one that the step in
+        flight ends with a stop token gets one step too many, whose token is dropped."""
+        admitted = self._admit()
         prefill = self._plan_prefill([s for s in self.running if s.in_prefill])
-        decode = [s for s in self.running if not s.in_prefill]
-        return Plan(prefill=prefill, decode=decode)
+        decode = [s for s in self.running if not s.in_prefill and not s.finished and not self._last_planned(s)]
+        return Plan(prefill=prefill, decode=decode, admitted=admitted)
+
+    def _last_planned(self, seq: Request) -> bool:
+        """Whether the steps already planned sample the last token its length allows (`max_tokens`, or the
+        context): every step past the prompt samples one, so this is known before their tokens are."""
+        sampled = seq.cached - len(seq.prompt) + 1
+        return sampled >= seq.max_new_tokens or seq.cached + 1 >= self.max_length
 
     def _plan_prefill(self, waiting: list[Request]) -> list[tuple[Request, int]]:
         """The oldest sequences still reading their prompts, as many as make the prefill step cover the most
@@ -228,15 +245,23 @@ class Scheduler:
                 best, best_tokens = chunks, tokens
         return best
 
-    def update(self, plan: Plan) -> None:
-        """After the step that ran `plan` (and the engine appended what it sampled): what the step cached is
-        cached, prompt pages complete by then are registered for sharing, and requests that finished leave."""
+    def advance(self, plan: Plan) -> None:
+        """Once the step that runs `plan` is dispatched: what it caches counts as cached (the device runs steps
+        in order, so the next step may read it), and prompt pages complete by then are registered for sharing."""
         for seq, n in plan.prefill:
             seq.cached += n
             self.prefilled(seq)
         for seq in plan.decode:
             seq.cached += 1
-        for seq in [*(s for s, _ in plan.prefill), *plan.decode]:
+
+    def update(self, plan: Plan) -> None:
+        """`advance`, and after the step's tokens are appended, the requests that finished leave (`finish`)."""
+        self.advance(plan)
+        self.retire([*(s for s, _ in plan.prefill), *plan.decode])
+
+    def retire(self, seqs: list[Request]) -> None:
+        """Those of `seqs` that finished leave (after their step's tokens were appended and checked)."""
+        for seq in seqs:
             if seq.finished:
                 self.finish(seq)
 
@@ -246,6 +271,8 @@ class Scheduler:
             self.running.remove(seq)
             self.pages.release(seq.pages)
             seq.pages = []
+            self._free_rows.append(seq.batch_row)
+            seq.batch_row = 0
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
