@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +125,75 @@ class PromptScores(NamedTuple):
     top_logprobs: jax.Array
 
 
+StepShape = tuple[int, int, int]
+"""(rows, new tokens per row, page-table width): one bucket of the grid."""
+
+
+class GraphKind(Protocol):
+    """One kind of graph the runner compiles, once per shape: its name (in the compile-cache key), the shapes a
+    set of step buckets needs of it, how to lower it at one shape, and what a shape costs (to load the cheapest
+    first). Every kind goes through the same lower / compile / store / load path (`ModelRunner._executable`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def shapes(self, steps: Sequence[StepShape]) -> list[Any]: ...
+
+    def lower(self, shape: Any) -> Any: ...
+
+    def describe(self, shape: Any) -> list[int]:
+        """The shape as the compile-cache key records it."""
+        ...
+
+    def cost(self, shape: Any) -> int: ...
+
+
 Entry = tuple[str, Any]
-"""One executable of the runner: ("step", (rows, tokens, page-table width)) or ("score", chunk width)."""
+"""One executable of the runner: its graph kind's name and its shape."""
+
+
+@dataclass(frozen=True)
+class _StepGraph:
+    """The step (`_step`), one per bucket of the grid."""
+
+    runner: ModelRunner
+    name: str = "step"
+
+    def shapes(self, steps: Sequence[StepShape]) -> list[Any]:
+        return list(steps)
+
+    def lower(self, shape: StepShape) -> Any:
+        r = self.runner
+        return r._jitted.lower(r.graphdef, r._treedef, r._params, r._cache_avals, r._last_tokens_aval,
+                               batch.abstract(*shape))
+
+    def describe(self, shape: StepShape) -> list[int]:
+        return list(shape)
+
+    def cost(self, shape: StepShape) -> int:
+        return shape[0] * shape[1]
+
+
+@dataclass(frozen=True)
+class _ScoreGraph:
+    """Prompt logprobs from a prefill's hidden states (`_score`), one per prefill chunk width."""
+
+    runner: ModelRunner
+    name: str = "score"
+
+    def shapes(self, steps: Sequence[StepShape]) -> list[Any]:
+        return sorted({tokens for _, tokens, _ in steps if tokens > 1})
+
+    def lower(self, width: int) -> Any:
+        r = self.runner
+        hidden = jax.ShapeDtypeStruct((1, width, r.hidden_size), r.cache_spec.dtype)
+        return r._score.lower(r.graphdef, r._treedef, r._params, hidden, jax.ShapeDtypeStruct((1, width), jnp.int32))
+
+    def describe(self, width: int) -> list[int]:
+        return [1, width, self.runner.hidden_size]
+
+    def cost(self, width: int) -> int:
+        return width
 
 
 @dataclass(frozen=True)
@@ -185,10 +253,10 @@ class ModelRunner:
         # from step to step: decode rows read their next token here (`StepInputs.feed`).
         self._last_tokens_aval = jax.ShapeDtypeStruct((grid.max_batch_size + 1,), jnp.int32, sharding=rep)
         self._last_tokens = jax.device_put(np.zeros(grid.max_batch_size + 1, np.int32), rep)
-        self._compiled: dict[tuple[int, int, int], Any] = {}
         self._score = jax.jit(_score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
                               out_shardings=rep)
-        self._compiled_score: dict[int, Any] = {}
+        self._graphs: dict[str, GraphKind] = {g.name: g for g in (_StepGraph(self), _ScoreGraph(self))}
+        self._executables: dict[Entry, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
         self._pending: dict[Entry, str] = {}
@@ -213,10 +281,6 @@ class ModelRunner:
     def cache(self, value: KVCache) -> None:
         self._cache = value
 
-    def _lower(self, shape: tuple[int, int, int]) -> Any:
-        return self._jitted.lower(self.graphdef, self._treedef, self._params,
-                                  self._cache_avals, self._last_tokens_aval, batch.abstract(*shape))
-
     def compile(self, shape: tuple[int, int, int]) -> Any:
         """The executable of one bucket: loaded from the compile cache, or lowered with abstract inputs and
         compiled (idempotent)."""
@@ -235,9 +299,9 @@ class ModelRunner:
         start = time.perf_counter()
         if store is not None and store is not self._store:
             self._store, self._fingerprint = store, store.fingerprint(self.graphdef, self.state)
-        todo = [s for s in (shapes if shapes is not None else self.grid.all_shapes()) if s not in self._compiled]
-        widths = sorted({t for _, t, _ in todo if t > 1} - set(self._compiled_score))
-        entries: list[Entry] = [("step", s) for s in todo] + [("score", w) for w in widths]
+        steps = shapes if shapes is not None else self.grid.all_shapes()
+        entries = [e for g in self._graphs.values() for e in ((g.name, s) for s in g.shapes(steps))
+                   if e not in self._executables]
         cached = 0
         if self._store is not None:
             for entry in entries:
@@ -250,10 +314,10 @@ class ModelRunner:
             self._loads = PendingLoads(self._store, self._pending)
         build = [e for e in entries if e not in self._pending]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            futures = {pool.submit(self._compile_lowered, entry, self._lower_entry(entry)): entry for entry in build}
+            futures = {pool.submit(self._compile_lowered, e, self._graphs[e[0]].lower(e[1])): e for e in build}
             for future in as_completed(futures):
-                kind, arg = futures[future]
-                self._table(kind)[arg] = future.result()
+                kind, arg = entry = futures[future]
+                self._executables[entry] = future.result()
                 if progress is not None and kind == "step":
                     progress(arg)
         if self._store is not None and build:
@@ -266,20 +330,12 @@ class ModelRunner:
         first: what a new server runs first."""
         if self._loads is None or not self._pending:
             return
-        order = sorted(self._pending, key=lambda e: (0, e[1][0] * e[1][1]) if e[0] == "step" else (1, e[1]))
-        workers = self._loads.start(
-            order, lambda entry, executable: self._table(entry[0]).__setitem__(entry[1], executable), threads=threads
-        )
+        kinds = list(self._graphs)
+        order = sorted(self._pending, key=lambda e: (kinds.index(e[0]), self._graphs[e[0]].cost(e[1])))
+        workers = self._loads.start(order, self._executables.__setitem__, threads=threads)
         if wait:
             for worker in workers:
                 worker.join()
-
-    def _table(self, kind: str) -> dict[Any, Any]:
-        return self._compiled if kind == "step" else self._compiled_score
-
-    def _lower_entry(self, entry: Entry) -> Any:
-        kind, arg = entry
-        return self._lower(arg) if kind == "step" else self._lower_score(arg)
 
     def _key(self, entry: Entry) -> tuple[str, dict[str, Any]]:
         """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device kind,
@@ -295,7 +351,7 @@ class ModelRunner:
             "cache": [spec.num_layers, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim,
                       jnp.dtype(spec.dtype).name],
             "grid": [grid.max_batch_size, grid.prefill_chunk, grid.max_pages, grid.page_size],
-            "kind": kind, "shape": list(arg) if kind == "step" else [1, arg, self.hidden_size],
+            "kind": kind, "shape": self._graphs[kind].describe(arg),
         }
         return ExecutableStore.key(material), material
 
@@ -309,24 +365,21 @@ class ModelRunner:
 
     def _executable(self, entry: Entry, *, warn: bool = True) -> Any:
         """An entry's executable: already loaded, loaded now from the compile cache, or compiled now."""
-        kind, arg = entry
-        table = self._table(kind)
-        if arg not in table:
+        executable = self._executables.get(entry)
+        if executable is None:
             executable = self._loads.take(entry) if self._loads is not None else None
             if executable is None:
                 if warn:
-                    log.warning("compiling %s graph %s outside warm-up", kind, arg)
-                executable = self._compile_lowered(entry, self._lower_entry(entry))
-            table[arg] = executable
-        return table[arg]
+                    log.warning("compiling %s graph %s outside warm-up", *entry)
+                executable = self._compile_lowered(entry, self._graphs[entry[0]].lower(entry[1]))
+            self._executables[entry] = executable
+        return executable
 
     def step(self, inputs: StepInputs) -> tuple[SampleOutput, jax.Array]:
         """Run one bucketed step: (sampled tokens, hidden states [B, T, D]), left on the device (dispatch is
         asynchronous). The host arrays in `inputs` may be read after this returns: never write them again."""
         shape = (inputs.tokens.shape[0], inputs.tokens.shape[1], inputs.page_table.shape[1])
-        executable = self._compiled.get(shape)
-        if executable is None:
-            executable = self._executable(("step", shape))
+        executable = self._executables.get(("step", shape)) or self._executable(("step", shape))
         self.cache, self._last_tokens, out, hidden = executable(self._params, self.cache, self._last_tokens, inputs)
         self._ran.add(shape)
         return out, hidden
@@ -346,15 +399,8 @@ class ModelRunner:
         inputs = inputs._replace(past_len=np.ones(rows, np.int32))
         jax.block_until_ready(self.step(inputs))
 
-    def _lower_score(self, width: int) -> Any:
-        hidden = jax.ShapeDtypeStruct((1, width, self.hidden_size), self.cache_spec.dtype)
-        return self._score.lower(self.graphdef, self._treedef, self._params, hidden,
-                                 jax.ShapeDtypeStruct((1, width), jnp.int32))
-
     def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:
         """Prompt logprobs for one prefill chunk (`echo` with `logprobs`); compiled per chunk bucket."""
         width = hidden.shape[1]
-        executable = self._compiled_score.get(width)
-        if executable is None:
-            executable = self._executable(("score", width))
+        executable = self._executables.get(("score", width)) or self._executable(("score", width))
         return executable(self._params, hidden, targets)
