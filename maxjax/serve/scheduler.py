@@ -14,7 +14,9 @@ ever written into a full prompt page again) and prefills only the rest. The page
 token is never shared, so every prompt runs at least one token of prefill and gets its own logits.
 
 Requests are `serve/request.Request`s; the scheduler alone changes their bookkeeping fields (`cached`, `pages`,
-the prefix-cache ones): `plan()` before a step, `update(plan)` after it.
+`batch_row`, the prefix-cache ones): `plan()` before a step, `advance(plan)` once it is dispatched (the next
+plan may come before its tokens do), `retire(requests)` after its tokens are appended (`update` does both, for a
+caller that runs steps one at a time).
 
 Each engine iteration asks for one `Plan`: one prefill step and one decode step for every sequence that has
 its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
