@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -159,8 +160,7 @@ def test_images_and_other_media_are_refused() -> None:
 
 
 def test_unsupported_features_say_so() -> None:
-    assert "not supported yet" in error_of(chat, response_format={"type": "json_object"}).message
-    assert "not supported yet" in error_of(chat, response_format={"type": "json_schema", "json_schema": {}}).message
+    assert "json_schema.schema" in error_of(chat, response_format={"type": "json_schema", "json_schema": {}}).message
     assert error_of(chat, response_format={"type": "yaml"}).param == "response_format"
     chat(response_format={"type": "text"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
@@ -196,3 +196,19 @@ def test_prompt_forms() -> None:
         assert error_of(completion, prompt=bad).param == "prompt", bad
     assert error_of(completion, prompt=[[1, VOCAB]]).param == "prompt"
     assert error_of(completion, prompt=[-1]).param == "prompt"
+
+
+def test_response_format_and_structured_outputs_become_one_grammar() -> None:
+    from maxjax.serve.grammar import GrammarSpec
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert chat(response_format={"type": "json_object"}).grammar_spec() == GrammarSpec.json_object()
+    spec = chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}})
+    assert spec.grammar_spec() == GrammarSpec.json_schema(schema, strict=True)
+    assert chat(structured_outputs={"regex": "[0-9]+"}).grammar_spec() == GrammarSpec.regex("[0-9]+")
+    assert completion(structured_outputs={"json": json.dumps(schema)}).grammar_spec() == GrammarSpec.json_schema(schema)
+    assert chat(response_format={"type": "text"}).grammar_spec() is None
+    both = chat(response_format={"type": "json_object"}, structured_outputs={"regex": "a"})
+    with pytest.raises(ApiError, match="not both"):
+        both.grammar_spec()
+    assert error_of(chat, structured_outputs={"regex": "a", "json_object": True}).param == "structured_outputs"

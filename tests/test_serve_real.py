@@ -161,6 +161,9 @@ def test_mixed_workload_compiles_nothing(server: RealServer) -> None:
         ]
         jobs += [client.completions.create(model="smollm2", prompt="Hello " * n, max_tokens=6, logprobs=3,
                                            logit_bias={"28": -5}) for n in (2, 35, 70)]
+        jobs += [client.chat.completions.create(model="smollm2", messages=_chat("A JSON object, please."),
+                                                max_tokens=12, response_format={"type": "json_object"},
+                                                temperature=t, logprobs=True) for t in (0.0, 0.9)]
         await asyncio.gather(*jobs)
 
     # echo + logprobs through the raw client: the strict one rejects OpenAI's null first logprob.

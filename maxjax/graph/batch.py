@@ -2,7 +2,7 @@
 
 Each `Field` is one per-row array: its name (a `StepInputs` field, or `sampling.` / `adjust.` and a field of
 `SamplingArrays` / `LogitAdjustments`), its shape after the row axis (`TOKENS`, the step's new tokens per row;
-`PAGES`, the page table's width; or a number), its dtype and the value a padding row holds. From this one table
+`PAGES`, the page table's width; `WORDS`, a packed mask over the vocabulary; or a number), its dtype and the value a padding row holds. From this one table
 come the abstract shapes warm-up lowers with (`abstract`) and the host buffers a step is written into, padding
 included (`padding`: the engine fills in its live rows; a first run sends it as it is).
 
@@ -25,6 +25,8 @@ TOKENS = "tokens"
 PAGES = "pages"
 VOCAB = "vocab"
 """As a fill value: the vocabulary size (an adjustment slot that changes nothing)."""
+WORDS = "words"
+"""As a size: the int32 words of a packed mask over the vocabulary, ceil(vocab / 32)."""
 
 
 class StepInputs(NamedTuple):
@@ -84,11 +86,13 @@ FIELDS: tuple[Field, ...] = (
     Field("adjust.presence", (), np.float32, 0.0),
     Field("adjust.frequency", (), np.float32, 0.0),
     Field("adjust.repetition", (), np.float32, 1.0),
+    Field("adjust.allowed", (WORDS,), np.int32, -1),  # every bit set: every token allowed
 )
 
 
-def _build(make: Callable[[Field, tuple[int, ...]], Any], rows: int, tokens: int, pages: int) -> StepInputs:
-    sizes = {TOKENS: tokens, PAGES: pages}
+def _build(make: Callable[[Field, tuple[int, ...]], Any], rows: int, tokens: int, pages: int,
+           vocab_size: int) -> StepInputs:
+    sizes = {TOKENS: tokens, PAGES: pages, WORDS: -(-vocab_size // 32)}
     groups: dict[str, dict[str, Any]] = {"": {}, "sampling": {}, "adjust": {}}
     for field in FIELDS:
         group, _, name = field.name.rpartition(".")
@@ -98,9 +102,9 @@ def _build(make: Callable[[Field, tuple[int, ...]], Any], rows: int, tokens: int
                       adjust=LogitAdjustments(**groups["adjust"]))
 
 
-def abstract(rows: int, tokens: int, pages: int) -> StepInputs:
+def abstract(rows: int, tokens: int, pages: int, vocab_size: int) -> StepInputs:
     """Shape-only inputs of one bucket, for ahead-of-time lowering (no memory is touched)."""
-    return _build(lambda field, shape: jax.ShapeDtypeStruct(shape, field.dtype), rows, tokens, pages)
+    return _build(lambda field, shape: jax.ShapeDtypeStruct(shape, field.dtype), rows, tokens, pages, vocab_size)
 
 
 def padding(rows: int, tokens: int, pages: int, vocab_size: int) -> StepInputs:
@@ -108,4 +112,4 @@ def padding(rows: int, tokens: int, pages: int, vocab_size: int) -> StepInputs:
     def make(field: Field, shape: tuple[int, ...]) -> np.ndarray:
         return np.full(shape, vocab_size if field.fill == VOCAB else field.fill, field.dtype)
 
-    return _build(make, rows, tokens, pages)
+    return _build(make, rows, tokens, pages, vocab_size)

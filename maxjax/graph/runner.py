@@ -165,7 +165,7 @@ class _StepGraph:
     def lower(self, shape: StepShape) -> Any:
         r = self.runner
         return r._jitted.lower(r.graphdef, r._treedef, r._params, r._cache_avals, r._last_tokens_aval,
-                               batch.abstract(*shape))
+                               batch.abstract(*shape, r.vocab_size))
 
     def describe(self, shape: StepShape) -> list[int]:
         return list(shape)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from maxjax.graph.bitmask import unpack_bitmask
 from maxjax.serve.protocol import LOGPROB_FLOOR
 
 CANDIDATES = 256
@@ -71,11 +72,14 @@ class LogitAdjustments(NamedTuple):
     """[B] float32"""
     repetition: Arr
     """[B] float32; 1 = off."""
+    allowed: Arr
+    """[B, ceil(V / 32)] int32: the tokens a row's grammar allows next, packed (bit t % 32 of word t // 32;
+    `serve/grammar.py` fills it); all bits set for an unconstrained row."""
 
 
 def adjust_logits(logits: jax.Array, adj: LogitAdjustments) -> jax.Array:
     """Apply penalties (vLLM's definitions: repetition divides positive and multiplies negative logits of seen
-    tokens; presence and frequency subtract from generated ones) and biases to logits [B, V]."""
+    tokens; presence and frequency subtract from generated ones), biases and grammar masks to logits [B, V]."""
     b, vocab = logits.shape
     ids = jnp.asarray(adj.ids)
     vals = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=1)
@@ -84,7 +88,11 @@ def adjust_logits(logits: jax.Array, adj: LogitAdjustments) -> jax.Array:
     count = jnp.asarray(adj.count)
     vals = vals - jnp.asarray(adj.presence)[:, None] * (count > 0) - jnp.asarray(adj.frequency)[:, None] * count
     vals = vals + adj.bias
-    return logits.at[jnp.arange(b)[:, None], ids].set(vals, mode="drop")
+    logits = logits.at[jnp.arange(b)[:, None], ids].set(vals, mode="drop")
+    # A grammar's mask, unpacked only in steps where a row has one (`lax.cond` runs one branch).
+    allowed = jnp.asarray(adj.allowed)
+    return jax.lax.cond(jnp.any(allowed != -1),
+                        lambda x: jnp.where(unpack_bitmask(allowed, vocab), x, BANNED), lambda x: x, logits)
 
 
 class SampleOutput(NamedTuple):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
@@ -42,6 +43,10 @@ from maxjax.serve.protocol import (
 )
 from maxjax.serve.request import Request, check_stop
 from maxjax.serve.scheduler import Plan, Scheduler
+
+if TYPE_CHECKING:
+    from maxjax.serve.grammar import GrammarCompiler
+    from maxjax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +171,12 @@ def _adjusts(p: SamplingParams) -> bool:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int], *,
-                 overlap: bool = True):
+                 overlap: bool = True, tokenizer: Tokenizer | None = None):
         self.runner = runner
+        self.tokenizer = tokenizer
+        """What constrained requests' grammars are compiled against (`grammars`)."""
+        self._grammars: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self.overlap = overlap
         """Dispatch each step before fetching the tokens of the one before (`step`)."""
         self.scheduler = scheduler
@@ -210,17 +219,37 @@ class EngineCore:
             prefill_width=grid.prefill_width,
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids),
-                   overlap=scheduler.overlap)
+                   overlap=scheduler.overlap, tokenizer=loaded.tokenizer)
 
     def admit(self, request: GenerationRequest) -> Request:
-        """Check and convert a request (`admit`) into one the scheduler can take. Touches no engine state, so the
-        HTTP side may call it from its own thread; raises `RequestRejected`."""
+        """Check and convert a request (`admit`) into one the scheduler can take, its grammar compiled into its
+        matcher. Touches no engine state, so the HTTP side may call it from its own thread; raises
+        `RequestRejected`."""
         seq = admit(request, self.runner.vocab_size)
+        if request.params.grammar is not None:
+            from maxjax.serve.grammar import GrammarError
+
+            try:
+                seq.logit_state = self.grammars().compile(request.params.grammar)
+            except GrammarError as e:
+                raise RequestRejected(str(e), param=e.param or "response_format") from None
         try:
             self.scheduler.check_fits(seq)
         except ValueError as e:
             raise RequestRejected(str(e), param="max_tokens") from None
         return seq
+
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this model's tokenizer, built at the first constrained request (0.2 s)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                from maxjax.serve.grammar import GrammarCompiler
+
+                if self.tokenizer is None:
+                    raise RequestRejected("this engine has no tokenizer to constrain answers with",
+                                          param="response_format")
+                self._grammars = GrammarCompiler(self.tokenizer, vocab_size=self.runner.vocab_size)
+            return self._grammars
 
     def queue(self, seq: Request) -> bool:
         """Queue an admitted sequence; False when the queue is full."""
@@ -266,12 +295,14 @@ class EngineCore:
         (decode rows read their token from the device, `StepInputs.feed`), and only then are the earlier step's
         tokens fetched and postprocessed. A request that ends with a stop token therefore runs one step more
         than it needs, whose token is dropped. When a running request needs the tokens before its next step is
-        built (penalties, biases and bans read them), the step waits for them first.
+        built (penalties, biases and bans read them; a grammar's next mask depends on them), the step waits for
+        them first.
         """
         started = time.perf_counter()
         results: list[tuple[Request, GenerationOutput]] = []
         waited = 0.0
-        if self._in_flight is not None and any(r.row.adjusts for r in self.scheduler.running):
+        if self._in_flight is not None and any(r.row.adjusts or r.logit_state is not None
+                                               for r in self.scheduler.running):
             waited += self._collect(results)
         plan = self.scheduler.plan()
         launched = self._launch(plan) if not plan.empty else None
@@ -349,6 +380,8 @@ class EngineCore:
                 inputs.tokens[r, :c] = req.tokens[req.cached : req.cached + c]
             if req.row.adjusts:
                 self._write_adjustments(req, r, inputs.adjust)
+            if req.logit_state is not None and req.cached + c >= len(req.prompt):  # the row samples a token
+                req.logit_state.fill_bitmask(inputs.adjust.allowed, r)
         return inputs
 
     def _write_adjustments(self, req: Request, r: int, adjust: LogitAdjustments) -> None:
@@ -409,6 +442,7 @@ class EngineCore:
         params = seq.params
         token = int(out.tokens[row])
         seq.tokens.append(token)
+        grammar = seq.logit_state
         if seq.row.adjusts:
             seq.counts[token] = seq.counts.pop(token, 0) + 1  # re-inserted: the dict's order is the order of last use
         logprobs = None
@@ -420,5 +454,12 @@ class EngineCore:
         if params.prompt_logprobs is not None and seq.generated == 1:
             prompt_logprobs = (None, *seq.prompt_logprobs)
         reason = check_stop(seq, eos_token_ids=self.eos_token_ids, max_length=self.scheduler.max_length)
+        if grammar is not None and reason is None:
+            # The mask allowed only what the grammar allows: EOS (even with ignore_eos) only once the answer is
+            # complete, and once nothing but EOS can follow the answer is complete now.
+            eos = token in self.eos_token_ids
+            if eos or (grammar.advance(token) and grammar.is_finished()):
+                seq.finish("stop", token if eos else None)
+                reason = seq.finish_reason
         return GenerationOutput(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                 finish_reason=reason, stop_token=seq.stop_token)

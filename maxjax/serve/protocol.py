@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from maxjax.serve.grammar import GrammarSpec
 
 LOGPROB_FLOOR = -9999.0
 """The lowest logprob that crosses this boundary: the graphs clamp to it and so does the HTTP side (for engines
@@ -49,6 +52,8 @@ class SamplingParams:
     """None: no logprobs. k >= 0: the sampled token's logprob plus the k most likely alternatives."""
     prompt_logprobs: int | None = None
     """None: none. k >= 0: logprobs of every prompt token after the first (for `echo` with `logprobs`)."""
+    grammar: GrammarSpec | None = None
+    """What the answer must match (`serve/grammar.py`): a JSON object or schema, a regex, a Lark grammar."""
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,16 @@ pydantic on the way out. Their shapes are checked end to end by the `openai` cli
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, TypeVar
+import json
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from maxjax.serve.errors import ApiError, validation_error
 from maxjax.serve.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from maxjax.serve.grammar import GrammarSpec
 
 MAX_N = 16
 """Most choices one request may ask for (`n`, and `n` per prompt for completions): each is a batch row."""
@@ -72,6 +76,46 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
+    structured_outputs: dict[str, Any] | None = None
+    """Extension (vLLM's spelling): exactly one of `{"json": schema}`, `{"json_object": true}`, `{"regex": str}`,
+    `{"grammar": str}` (Lark, llguidance's dialect); the answer is constrained to match it."""
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            kinds = [k for k in ("json", "json_object", "regex", "grammar") if value.get(k) not in (None, False)]
+            unknown = sorted(set(value) - {"json", "json_object", "regex", "grammar"})
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown keys {unknown}: use json, json_object, regex or grammar")
+            if len(kinds) != 1:
+                raise ValueError("structured_outputs needs exactly one of json, json_object, regex or grammar")
+            kind = kinds[0]
+            if kind in ("regex", "grammar") and not isinstance(value[kind], str):
+                raise ValueError(f"structured_outputs.{kind} must be a string")
+            if kind == "json" and not isinstance(value[kind], dict | str):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object, or its JSON text)")
+        return value
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """What the answer must match, from `structured_outputs`; raises `ApiError` (400) for a schema that is not
+        JSON. Whether the engine can enforce it is checked when it is compiled (`EngineCore.admit`)."""
+        from maxjax.serve.grammar import GrammarError, GrammarSpec
+
+        value = self.structured_outputs
+        if value is None:
+            return None
+        try:
+            if value.get("json") is not None:
+                schema = value["json"]
+                return GrammarSpec.json_schema(json.loads(schema) if isinstance(schema, str) else schema)
+            if value.get("json_object"):
+                return GrammarSpec.json_object()
+            if value.get("regex") is not None:
+                return GrammarSpec.regex(value["regex"])
+            return GrammarSpec.lark(value["grammar"])
+        except (GrammarError, ValueError) as e:
+            raise ApiError(f"structured_outputs: {e}", param="structured_outputs") from None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -144,6 +188,7 @@ class SamplingRequest(BaseModel):
             ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=self.grammar_spec(),
         )
 
 
@@ -222,11 +267,33 @@ class ChatCompletionRequest(SamplingRequest):
     @classmethod
     def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         kind = None if value is None else value.get("type")
-        if value is not None and kind != "text":
-            if kind in ("json_object", "json_schema"):
-                raise ValueError(f"response_format type '{kind}' is not supported yet: use 'text'")
+        if value is not None and kind not in ("text", "json_object", "json_schema"):
             raise ValueError("response_format type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = value.get("json_schema") if value is not None else None
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+            if not isinstance(spec.get("strict", False), bool | None):
+                raise ValueError("response_format json_schema.strict must be a boolean")
         return value
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """`response_format` (json_object, json_schema with `strict`), or the `structured_outputs` extension."""
+        from maxjax.serve.grammar import GrammarError, GrammarSpec
+
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text" and self.structured_outputs is not None:
+            raise ApiError("send response_format or structured_outputs, not both.", param="structured_outputs")
+        if kind == "json_object":
+            return GrammarSpec.json_object()
+        if kind == "json_schema":
+            spec = (self.response_format or {})["json_schema"]
+            try:
+                return GrammarSpec.json_schema(spec["schema"], strict=bool(spec.get("strict")))
+            except GrammarError as e:
+                raise ApiError(f"response_format.json_schema.schema: {e}",
+                               param="response_format.json_schema.schema") from None
+        return super().grammar_spec()
 
     @field_validator("modalities")
     @classmethod
