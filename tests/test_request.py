@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from maxjax.serve.grammar import GrammarCompiler, GrammarSpec
 from maxjax.serve.protocol import SamplingParams
 from maxjax.serve.request import Request, Status, check_stop
+from maxjax.tokenizer_gguf import load_gguf_tokenizer
+from maxjax.weights.gguf import read_metadata
 
 EOS = frozenset({0})
 
@@ -56,3 +61,24 @@ def test_running_requests_are_not_finished_and_abort_is_final() -> None:
     done = _after([0])
     done.abort()  # a request that already finished keeps its reason
     assert done.finish_reason == "stop"
+
+
+def test_a_complete_grammar_stops_even_with_ignore_eos(smollm2_gguf: Path) -> None:
+    tok = load_gguf_tokenizer(read_metadata(smollm2_gguf))
+    eos = frozenset(tok.eos_token_ids)
+    answer = tok.encode("42")
+    req = Request("r", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True))
+    req.logit_state = GrammarCompiler(tok).compile(GrammarSpec.regex("[0-9]{2}"))
+    for token in answer:
+        assert not req.finished
+        req.tokens.append(token)
+        assert req.logit_state.advance(token)
+        check_stop(req, eos_token_ids=eos, max_length=64)
+    assert req.finish_reason == "stop" and req.stop_token is None and req.generated == len(answer)
+    open_ended = Request("r", [5, 6, 7], SamplingParams(max_tokens=10, ignore_eos=True))
+    open_ended.logit_state = GrammarCompiler(tok).compile(GrammarSpec.regex("[0-9]+"))
+    open_ended.tokens.append(answer[0])
+    assert open_ended.logit_state.advance(answer[0])
+    assert check_stop(open_ended, eos_token_ids=eos, max_length=64) is None, "more digits may follow"
+    open_ended.tokens.append(min(eos))  # its mask allows EOS now: the answer is complete
+    assert check_stop(open_ended, eos_token_ids=eos, max_length=64) == "stop" and open_ended.stop_token == min(eos)

@@ -442,7 +442,8 @@ class EngineCore:
         params = seq.params
         token = int(out.tokens[row])
         seq.tokens.append(token)
-        grammar = seq.logit_state
+        if seq.logit_state is not None and token not in self.eos_token_ids:
+            seq.logit_state.advance(token)  # the mask allowed only what the grammar allows
         if seq.row.adjusts:
             seq.counts[token] = seq.counts.pop(token, 0) + 1  # re-inserted: the dict's order is the order of last use
         logprobs = None
@@ -454,12 +455,5 @@ class EngineCore:
         if params.prompt_logprobs is not None and seq.generated == 1:
             prompt_logprobs = (None, *seq.prompt_logprobs)
         reason = check_stop(seq, eos_token_ids=self.eos_token_ids, max_length=self.scheduler.max_length)
-        if grammar is not None and reason is None:
-            # The mask allowed only what the grammar allows: EOS (even with ignore_eos) only once the answer is
-            # complete, and once nothing but EOS can follow the answer is complete now.
-            eos = token in self.eos_token_ids
-            if eos or (grammar.advance(token) and grammar.is_finished()):
-                seq.finish("stop", token if eos else None)
-                reason = seq.finish_reason
         return GenerationOutput(token_ids=(token,), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                 finish_reason=reason, stop_token=seq.stop_token)

@@ -104,14 +104,19 @@ def check_stop(request: Request, *, eos_token_ids: frozenset[int], max_length: i
 
     - `stop`: the token is one of `stop_token_ids`, or an end-of-sequence token (unless `ignore_eos`), and at
       least `min_tokens` were generated (the sampler bans those tokens before that; this holds either way).
+    - `stop`, for a request with a grammar (`logit_state`, already advanced past the token): the answer is
+      complete, because nothing but EOS can follow it, or the token is EOS (which its mask allows only then,
+      `ignore_eos` or not).
     - `length`: `max_tokens` generated, or the sequence reached `max_length` (the context).
     """
     p = request.params
     token = request.tokens[-1]
-    if request.generated >= p.min_tokens and (
-        token in p.stop_token_ids or (token in eos_token_ids and not p.ignore_eos)
-    ):
+    eos = token in eos_token_ids
+    grammar = request.logit_state
+    if request.generated >= p.min_tokens and (token in p.stop_token_ids or (eos and not p.ignore_eos)):
         request.finish("stop", token)
+    elif grammar is not None and (eos or grammar.is_finished()):
+        request.finish("stop", token if eos else None)
     elif request.generated >= p.max_tokens or len(request.tokens) >= max_length:
         request.finish("length")
     return request.finish_reason
