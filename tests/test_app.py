@@ -138,8 +138,9 @@ def test_chat_stream_shape(server: Server, engine: FakeEngine) -> None:
     for choices in per_index.values():
         assert choices[0]["delta"] == {"role": "assistant", "content": ""}
         assert all("role" not in ch["delta"] for ch in choices[1:])
-        assert choices[-1]["delta"] == {} and choices[-1]["finish_reason"] == "length"
-        assert all(ch["finish_reason"] is None for ch in choices[:-1])
+        # The finish reason rides on the chunk with the last token: one role chunk, then one chunk a token.
+        assert choices[-1]["delta"]["content"] and choices[-1]["finish_reason"] == "length"
+        assert all(ch["finish_reason"] is None for ch in choices[:-1]) and len(choices) == 1 + 6
     # n choices are separate engine requests with their own seeds.
     requests = engine.requests[-3:]
     assert [r.request_id for r in requests] == [f"{chunks[0]['id']}-{i}" for i in range(3)]
@@ -622,3 +623,14 @@ def test_streams_ended_at_shutdown_get_a_final_error_event(tok: Tokenizer) -> No
         assert engine.open_requests() == 0
         refused = httpx.post(srv.base_url + "/completions", json={"model": MODEL, "prompt": "Hi"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+
+
+def test_completion_stream_ends_on_its_last_tokens(server: Server) -> None:
+    """Every streamed chunk that carries tokens carries their logprobs, and the finish reason comes with the last
+    of them: `max_tokens` chunks, no extra empty one (a client counting chunks or reading logprobs per chunk)."""
+    body = {"prompt": "Once", "max_tokens": 5, "logprobs": 1, "stream": True}
+    response = httpx.post(server.base_url + "/completions", json=body)
+    assert response.status_code == 200
+    choices = [c["choices"][0] for c in events(response.text)[:-1]]
+    assert len(choices) == 5 and all(ch["text"] and ch["logprobs"]["tokens"] for ch in choices)
+    assert [ch["finish_reason"] for ch in choices] == [None] * 4 + ["length"]

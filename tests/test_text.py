@@ -132,6 +132,9 @@ def test_offsets_count_from_the_echo(tok: Tokenizer) -> None:
     assert piece.offsets == [5, 9, 15]
     echo, offsets = prompt_offsets(tok, [1, *tok.encode("hi there")])
     assert echo == "hi there" and offsets == [0, 0, 2]
+    special = tok.token_text(1)
+    echo, offsets = prompt_offsets(tok, [1, *tok.encode("hi there")], special=True)  # a prompt of token ids
+    assert echo == special + "hi there" and offsets == [0, len(special), len(special) + 2]
 
 
 def test_finite_logprob() -> None:

@@ -7,7 +7,8 @@ send them as `chat.completion.chunk` events as they come.
 
 Stream shape (what the `openai` client and its users rely on): every chunk has the same id, created and model;
 each choice index opens with `delta: {"role": "assistant", "content": ""}`; content chunks carry no role;
-each index closes with one chunk whose delta is `{}` and whose `finish_reason` is set; with
+each index's `finish_reason` is set on the chunk carrying its last tokens (a chunk with an empty delta only when
+the end brought no text); with
 `stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
 then `data: [DONE]`. A failure after the first byte is an event with a top-level `error` (the client raises).
 """
@@ -150,10 +151,12 @@ async def _stream(
         async with aclosing(runner.updates()) as updates:
             async for update in updates:
                 piece = update.piece
+                # The finish reason rides on the chunk with the last tokens (vLLM's form); an empty delta of its
+                # own only when the end brought nothing to send (a stop string cut it, or only EOS came).
                 if piece.text or piece.logprobs:
                     logprobs = None if top_n is None else {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
-                    yield chunk(update.index, {"content": piece.text}, logprobs)
-                if piece.finish_reason is not None:
+                    yield chunk(update.index, {"content": piece.text}, logprobs, piece.finish_reason)
+                elif piece.finish_reason is not None:
                     yield chunk(update.index, {}, None, piece.finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})

@@ -60,7 +60,7 @@ def _prepare_prompts(tokenizer: TextTokenizer, request: CompletionRequest) -> li
         ids = tuple(tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt)
         item = _Prompt(ids)
         if request.echo:
-            text, offsets = prompt_offsets(tokenizer, ids)
+            text, offsets = prompt_offsets(tokenizer, ids, special=not isinstance(prompt, str))
             item.echo = prompt if isinstance(prompt, str) else text
             item.offsets = offsets if request.logprobs is not None else []
         prompts.append(item)
@@ -176,10 +176,10 @@ async def _stream(
         async with aclosing(runner.updates()) as updates:
             async for update in updates:
                 text, logprobs = view.render(update)
-                if text or logprobs:
-                    yield chunk(update.index, text, logprobs, None)
-                if update.piece.finish_reason is not None:
-                    yield chunk(update.index, "", None, update.piece.finish_reason)
+                # The finish reason rides on the chunk with the last tokens (vLLM's form); a chunk of its own
+                # only when the end brought nothing to send (a stop string cut it, or only EOS came).
+                if text or logprobs or update.piece.finish_reason is not None:
+                    yield chunk(update.index, text, logprobs, update.piece.finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
         yield SSE_DONE

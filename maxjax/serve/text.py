@@ -231,12 +231,15 @@ def completion_logprobs(
     return result
 
 
-def prompt_offsets(tokenizer: TextTokenizer, prompt_ids: Sequence[int]) -> tuple[str, list[int]]:
-    """The echoed prompt text (special tokens left out) and each prompt token's character offset in it."""
+def prompt_offsets(tokenizer: TextTokenizer, prompt_ids: Sequence[int], *,
+                   special: bool = False) -> tuple[str, list[int]]:
+    """The echoed prompt text and each prompt token's character offset in it. Special tokens are left out (a
+    text prompt's tokenizer-added BOS is not in its text), or with `special` kept (a prompt of token ids echoes
+    what every id decodes to)."""
     detok = tokenizer.detokenizer()
     text, offsets = "", []
     for token in prompt_ids:
         offsets.append(len(text))
-        if not tokenizer.is_special(token):
+        if special or not tokenizer.is_special(token):
             text += detok.add(token)
     return text + detok.flush(), offsets
