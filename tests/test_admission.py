@@ -1,4 +1,4 @@
-"""`engine_core.admit`: the one place a request's values become step inputs. Every value is checked against the
+"""`admission.admit`: the one place a request's values become step inputs. Every value is checked against the
 range of the array it goes into, so nothing a request carries can fail a step (and with it the engine)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from maxjax.graph.memory import CPU_SHARE, plan_kv_pages, plan_pool
-from maxjax.serve.engine_core import admit
+from maxjax.serve.admission import admit
 from maxjax.serve.protocol import GenerationRequest, RequestRejected, SamplingParams
 
 VOCAB = 1000

@@ -1,5 +1,6 @@
-"""The device side of a step: one pure jitted core, `(params, kv pages, batch arrays, sampling arrays) -> (kv
-pages, sampled tokens, logprobs)`, compiled once per bucket of the grid, and a thin `ModelRunner` around it.
+"""The device side of a step: one pure jitted core, `(params, kv pages, last tokens, batch arrays) -> (kv pages,
+last tokens, sampled tokens and logprobs, hidden states)`, compiled once per bucket of the grid, and a thin
+`ModelRunner` around it.
 
 The runner never names a model: it sees a Flax NNX module with the call signature of
 `LlamaForCausalLM.__call__` and splits it once (`nnx.split`); the state's leaves, as a flat list, are what the
@@ -10,6 +11,9 @@ every step, so XLA updates them in place.
 Every array lives on a device mesh (`graph/mesh.py`; one device today): the weights and the KV pool with the
 sharding their logical axis names give under `mesh.RULES`, the batch replicated. The step and score graphs are
 jitted with those as their input and output shardings, so more devices change the mesh, not this code.
+
+(A few lines past the package's usual 400: the graph kinds, the cache key and the executables they share are
+one mechanism, kept in one file.)
 """
 
 from __future__ import annotations

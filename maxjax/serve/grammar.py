@@ -12,9 +12,12 @@ Each step, `Matcher.fill_bitmask` writes the allowed tokens as a packed row of i
 t // 32 set = token t allowed) into the step's [rows, ceil(vocab / 32)] array, and after sampling
 `Matcher.advance(token)` moves the grammar on. End of sequence: while the grammar is incomplete EOS is masked
 out; once it is complete EOS is allowed (`accepts_eos`), and once nothing but EOS can follow (`is_finished()`)
-the mask allows only the tokenizer's EOS ids, so the row samples EOS and ends as any request does; the engine may
-also end it at once (finish_reason "stop") without spending that step. The model's vocabulary may be wider
+the mask allows only the tokenizer's EOS ids, so the row samples EOS and ends as any request does; `request.check_stop`
+ends it at once (finish_reason "stop") without spending that step. The model's vocabulary may be wider
 than the tokenizer's: the ids past the tokenizer are never allowed.
+
+(Slightly past the package's usual 400 lines; the forced tool-call grammar, `tool_call_spec` and its helpers, is
+what moves into a file of its own when tools are wired in and it grows.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Literal, Protocol
 if TYPE_CHECKING:
     from maxjax.serve.grammar import GrammarSpec
 
+INT32_MAX = 2**31 - 1
+"""The largest value a per-row int32 step array holds: the schemas and admission bound counts by it."""
+
 LOGPROB_FLOOR = -9999.0
 """The lowest logprob that crosses this boundary: the graphs clamp to it and so does the HTTP side (for engines
 that do not); -inf and NaN are not JSON, and OpenAI itself reports -9999 for 'never'."""

@@ -37,7 +37,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     row: Any = None
-    """The request's values converted into the step arrays' types (`engine_core.admit` sets it)."""
+    """The request's values converted into the step arrays' types (`admission.admit` sets it)."""
     tokens: list[int] = field(default_factory=list)
     """Prompt followed by the generated tokens."""
     counts: dict[int, int] = field(default_factory=dict)

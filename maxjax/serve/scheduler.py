@@ -15,8 +15,7 @@ token is never shared, so every prompt runs at least one token of prefill and ge
 
 Requests are `serve/request.Request`s; the scheduler alone changes their bookkeeping fields (`cached`, `pages`,
 `batch_row`, the prefix-cache ones): `plan()` before a step, `advance(plan)` once it is dispatched (the next
-plan may come before its tokens do), `retire(requests)` after its tokens are appended (`update` does both, for a
-caller that runs steps one at a time).
+plan may come before its tokens do), `retire(requests)` after its tokens are appended.
 
 Each engine iteration asks for one `Plan`: one prefill step and one decode step for every sequence that has
 its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
@@ -255,11 +254,6 @@ class Scheduler:
             self.prefilled(seq)
         for seq in plan.decode:
             seq.cached += 1
-
-    def update(self, plan: Plan) -> None:
-        """`advance`, and after the step's tokens are appended, the requests that finished leave (`finish`)."""
-        self.advance(plan)
-        self.retire([*(s for s, _ in plan.prefill), *plan.decode])
 
     def retire(self, seqs: list[Request]) -> None:
         """Those of `seqs` that finished leave (after their step's tokens were appended and checked)."""
