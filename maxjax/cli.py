@@ -12,6 +12,8 @@ import click
 from maxjax import __version__
 from maxjax.benchmark import benchmark
 from maxjax.errors import UserError
+from maxjax.serve.reasoning import REASONING_PARSERS
+from maxjax.serve.tool_parsers import TOOL_PARSERS
 
 
 class _Group(click.Group):
@@ -168,13 +170,18 @@ main.add_command(benchmark)
               help="Require `Authorization: Bearer <key>` on /v1 routes [env: MAXJAX_API_KEY].")
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds open requests get to finish after SIGTERM or Ctrl-C; new ones get 503 meanwhile.")
+@click.option("--tool-call-parser", default=None, type=click.Choice(sorted(TOOL_PARSERS)),
+              help="How the model writes tool calls [default: detected from the chat template, else hermes].")
+@click.option("--reasoning-parser", default=None, type=click.Choice(sorted(REASONING_PARSERS)),
+              help="Split the model's <think> reasoning into reasoning_content [default: none].")
 def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
           custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
           device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
           prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
           no_compile_cache: bool, max_queue_size: int,
-          chat_template: str | None, api_key: str | None, shutdown_timeout: float) -> None:
+          chat_template: str | None, api_key: str | None, shutdown_timeout: float, tool_call_parser: str | None,
+          reasoning_parser: str | None) -> None:
     """Serve a model behind an OpenAI-compatible API."""
     from maxjax.config import PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
@@ -185,7 +192,8 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
                               kv_cache_pages, prefill_chunk_size, overlap_scheduler, compile_cache_dir,
                               no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
-                                max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout),
+                                max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout,
+                                tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser),
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -26,6 +26,11 @@ class ServerConfig:
     """Requests waiting for a batch row beyond this get 429 with Retry-After."""
     shutdown_timeout: float = 30.0
     """Seconds open requests get to finish after SIGTERM or Ctrl-C (new ones get 503); the rest are then ended."""
+    tool_call_parser: str | None = None
+    """How the model writes tool calls (`hermes`, `llama3_json`, `mistral`); None: detected from the chat
+    template and vocabulary, else `hermes`."""
+    reasoning_parser: str | None = None
+    """Splits `<think>` reasoning into `reasoning_content` (`qwen3`, `deepseek_r1`); None: no splitting."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shutdown_timeout < float("inf"):

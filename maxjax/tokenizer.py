@@ -28,7 +28,7 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from maxjax.chat_template import render_chat_template, select_chat_template
+from maxjax.chat_template import ChatTemplateError, render_chat_template, select_chat_template
 from maxjax.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,13 @@ class Tokenizer:
         """Replace the default chat template (`max serve --chat-template`)."""
         self._templates["default"] = source
         self.chat_template = source
+
+    def chat_template_source(self, template: str | None = None, *, has_tools: bool = False) -> str | None:
+        """The template source `apply_chat_template` would use (None when there is none to choose)."""
+        try:
+            return select_chat_template(self._templates, template, has_tools=has_tools)
+        except ChatTemplateError:
+            return None
 
     def apply_chat_template(
         self,

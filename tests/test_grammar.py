@@ -20,16 +20,14 @@ from pydantic import BaseModel, ConfigDict
 
 from maxjax.graph.bitmask import apply_bitmask as jax_apply_bitmask
 from maxjax.serve.grammar import (
-    HERMES,
-    MISTRAL,
     GrammarCompiler,
     GrammarError,
     GrammarSpec,
     Matcher,
-    ToolCallFormat,
     allowed_all,
     apply_bitmask,
 )
+from maxjax.serve.tool_use import HERMES, MISTRAL, ToolCallFormat, special_token_ids, tool_call_grammar
 from maxjax.tokenizer import Tokenizer
 from maxjax.tokenizer_gguf import load_gguf_tokenizer
 from maxjax.weights.gguf import read_metadata
@@ -167,6 +165,10 @@ TOOLS: list[dict[str, Any]] = [
 ARGUMENTS = {"get_weather": Weather, "search": Search}
 
 
+def tool_spec(compiler: GrammarCompiler, tools: Any, choice: Any, **kwargs: Any) -> GrammarSpec:
+    return tool_call_grammar(tools, choice, special_tokens=special_token_ids(compiler.tokenizer), **kwargs)
+
+
 def hermes_calls(text: str) -> list[dict[str, object]]:
     blocks = re.fullmatch(r"<tool_call>\n.*?\n</tool_call>(\n<tool_call>\n.*?\n</tool_call>)*", text, re.S)
     assert blocks, text
@@ -174,7 +176,7 @@ def hermes_calls(text: str) -> list[dict[str, object]]:
 
 
 def test_required_tool_calls_parse_and_validate(compiler: GrammarCompiler, tok: Tokenizer) -> None:
-    spec = compiler.tool_call_spec(TOOLS, "required", call_format=HERMES)
+    spec = tool_spec(compiler, TOOLS, "required", call_format=HERMES)
     for seed in range(4):
         for call in hermes_calls(answer(compiler, tok, spec, seed)):
             assert set(call) == {"name", "arguments"}
@@ -187,7 +189,7 @@ def test_required_tool_calls_parse_and_validate(compiler: GrammarCompiler, tok: 
 
 def test_named_tool_call_is_that_function_once(compiler: GrammarCompiler, tok: Tokenizer) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    spec = compiler.tool_call_spec(TOOLS, choice, call_format=HERMES, parallel=False)
+    spec = tool_spec(compiler, TOOLS, choice, call_format=HERMES, parallel=False)
     for seed in range(3):
         [call] = hermes_calls(answer(compiler, tok, spec, seed))
         assert call["name"] == "get_weather"
@@ -197,11 +199,11 @@ def test_named_tool_call_is_that_function_once(compiler: GrammarCompiler, tok: T
 def test_tool_call_formats(compiler: GrammarCompiler, tok: Tokenizer) -> None:
     """Mistral's list (its marker spelled as text: SmolLM2 has no such token) and a marker that is a special
     token of the vocabulary, which the grammar asks for as that token."""
-    text = answer(compiler, tok, compiler.tool_call_spec(TOOLS[:1], "required", call_format=MISTRAL), 0)
+    text = answer(compiler, tok, tool_spec(compiler, TOOLS[:1], "required", call_format=MISTRAL), 0)
     assert text.startswith("[TOOL_CALLS][")
     for call in json.loads(text.removeprefix("[TOOL_CALLS]")):
         Weather.model_validate(call["arguments"])
-    marked = compiler.tool_call_spec(TOOLS[:1], "required", call_format=ToolCallFormat(prefix="<|im_start|>"))
+    marked = tool_spec(compiler, TOOLS[:1], "required", call_format=ToolCallFormat(prefix="<|im_start|>"))
     assert allowed_ids(compiler, compiler.compile(marked)).tolist() == tok.encode("<|im_start|>")
 
 
@@ -234,7 +236,7 @@ def test_bad_tools_raise_grammar_errors(
     compiler: GrammarCompiler, tools: list[dict[str, Any]], choice: Any, message: str, param: str
 ) -> None:
     with pytest.raises(GrammarError, match=re.escape(message)) as caught:
-        compiler.tool_call_spec(tools, choice)
+        tool_spec(compiler, tools, choice)
     assert caught.value.param == param
 
 
@@ -242,9 +244,9 @@ def test_bad_tool_parameters_name_the_tool(compiler: GrammarCompiler) -> None:
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
     message = 'tools[1].function.parameters: Unimplemented keys: ["not"]'
     with pytest.raises(GrammarError, match=re.escape(message)):
-        compiler.tool_call_spec([TOOLS[0], bad], "required")
+        tool_spec(compiler, [TOOLS[0], bad], "required")
     with pytest.raises(GrammarError, match=re.escape(message)):
-        compiler.tool_call_spec([TOOLS[0], bad], {"type": "function", "function": {"name": "f"}})
+        tool_spec(compiler, [TOOLS[0], bad], {"type": "function", "function": {"name": "f"}})
 
 
 def test_eos_only_when_complete_and_alone_when_finished(compiler: GrammarCompiler, tok: Tokenizer) -> None:

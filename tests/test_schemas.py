@@ -159,15 +159,20 @@ def test_images_and_other_media_are_refused() -> None:
     assert error_of(chat, messages=[{"role": "user", "content": [{"text": "no type"}]}]).param
 
 
-def test_unsupported_features_say_so() -> None:
+def test_unsupported_features_say_so_and_tools_are_checked() -> None:
     assert "json_schema.schema" in error_of(chat, response_format={"type": "json_schema", "json_schema": {}}).message
     assert error_of(chat, response_format={"type": "yaml"}).param == "response_format"
     chat(response_format={"type": "text"})
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert "not supported yet" in error_of(chat, tools=tools).message
-    assert error_of(chat, tools=tools, tool_choice="auto").param == "tools"
-    assert error_of(chat, tool_choice="required").param == "tool_choice"
+    chat(tools=tools)
+    chat(tools=tools, tool_choice="required")
+    chat(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
     chat(tools=tools, tool_choice="none")
+    assert error_of(chat, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}).param == "tool_choice"
+    assert error_of(chat, tools=[{"type": "code_interpreter"}]).param == "tools[0]"
+    assert error_of(chat, tool_choice="required").param == "tool_choice"
+    forced = error_of(chat, tools=tools, tool_choice="required", response_format={"type": "json_object"})
+    assert forced.param == "tool_choice" and "send one" in forced.message
     assert error_of(chat, functions=[{"name": "f"}]).param == "functions"
     assert error_of(chat, modalities=["text", "audio"]).param == "modalities"
     assert error_of(completion, suffix="tail").param == "suffix"

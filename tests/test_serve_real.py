@@ -101,13 +101,13 @@ def test_malformed_requests_and_api_key(server: RealServer) -> None:
     cases = [
         ({**good, "temperature": 3}, 400), ({**good, "messages": []}, 400), ({**good, "model": "nope"}, 404),
         ({**good, "logit_bias": {"99999999": 1}}, 400), ({**good, "stream_options": {"include_usage": True}}, 400),
-        ({**good, "messages": _chat("word " * 400)}, 400), ({**good, "n": 0}, 400), ({**good, "top_logprobs": 50}, 400),
+        ({**good, "messages": _chat("word " * 700)}, 400), ({**good, "n": 0}, 400), ({**good, "top_logprobs": 50}, 400),
     ]
     for body, status in cases:
         response = httpx.post(url, json=body, headers=auth, timeout=60)
         assert response.status_code == status, (body, response.text)
         assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
-    too_long = httpx.post(url, json={**good, "messages": _chat("word " * 400)}, headers=auth, timeout=60).json()
+    too_long = httpx.post(url, json={**good, "messages": _chat("word " * 700)}, headers=auth, timeout=60).json()
     assert too_long["error"]["code"] == "context_length_exceeded"
 
 

@@ -19,13 +19,13 @@ Policy for request fields (see schemas.py for every field and range):
   `messages[i]` and `stream_options`), as on OpenAI's own API and MAX: a typo (`max_token`, `temprature`) must
   not be silently ignored. Fields that
   OpenAI defines and that change nothing about the tokens (`user`, `metadata`, `store`, `service_tier`,
-  `prompt_cache_key`, `safety_identifier`, `parallel_tool_calls`, `reasoning_effort`,
+  `prompt_cache_key`, `safety_identifier`, `reasoning_effort`,
   `stream_options.include_obfuscation`) are accepted and ignored. The extensions `top_k`, `min_p`,
   `repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output` (and, for
   chat, `chat_template_kwargs`) are honoured; the `openai` client sends them with `extra_body`.
-- Known fields we cannot honour are a 400 saying "not supported yet": `response_format` other than `text`,
-  `tools` (unless `tool_choice` is `none`), `functions`, image/audio/file content parts, completions `suffix`,
-  `best_of` other than `n`.
+- `response_format`, `structured_outputs`, `tools` and `tool_choice` constrain or parse the answer (grammar.py,
+  tool_use.py). Known fields we cannot honour are a 400 saying so: the deprecated `functions`, image/audio/file
+  content parts, completions `suffix`, `best_of` other than `n`.
 - `n` is capped at `schemas.MAX_N` (16): each choice takes a batch row. Stop strings: at most 4; empty ones are
   dropped. `max_completion_tokens` wins over `max_tokens`; without either, chat may use the rest of the context
   and completions get 16 tokens (both cut to what fits); asking for more than fits is a 400
@@ -65,6 +65,7 @@ from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine
 from maxjax.serve.schemas import ModelCard
 from maxjax.serve.text import TextTokenizer
+from maxjax.serve.tool_use import ChatFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,17 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
             raise loading()
         return engine, tokenizer
 
+    features: dict[int, ChatFeatures] = {}
+
+    def chat_features(tokenizer: TextTokenizer) -> ChatFeatures:
+        """The parsers for the served tokenizer (made at its first chat request; the flags were checked at start)."""
+        if id(tokenizer) not in features:
+            features.clear()
+            features[id(tokenizer)] = ChatFeatures.for_tokenizer(
+                tokenizer, tool_call_parser=config.tool_call_parser, reasoning_parser=config.reasoning_parser
+            )
+        return features[id(tokenizer)]
+
     @app.before_request
     async def _gate() -> None:
         g.arrived = time.perf_counter()  # time to first token counts from here
@@ -167,7 +179,8 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         engine, tokenizer = serving()
         body = await _read_json()
         return await create_chat_completion(
-            body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived()
+            body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived(),
+            features=chat_features(tokenizer),
         )
 
     @app.post("/v1/completions")

@@ -16,14 +16,17 @@ then `data: [DONE]`. A failure after the first byte is an event with a top-level
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from quart import Response
 
+from maxjax.serve.chat_answer import AnswerReader, read_answer
 from maxjax.serve.choices import (
     SSE_DONE,
     Choice,
@@ -39,26 +42,43 @@ from maxjax.serve.choices import (
     usage,
 )
 from maxjax.serve.errors import ApiError
+from maxjax.serve.grammar import GrammarError
 from maxjax.serve.metrics import Metrics
-from maxjax.serve.protocol import Engine, GenerationRequest, TokenLogprob
+from maxjax.serve.protocol import Engine, GenerationRequest, SamplingParams, TokenLogprob
 from maxjax.serve.schemas import ChatCompletionRequest, parse_request
 from maxjax.serve.text import ChoiceText, TextTokenizer, chat_logprobs
+from maxjax.serve.tool_use import ChatFeatures, ToolPlan
 
 logger = logging.getLogger(__name__)
 
 
-def chat_prompt_ids(tokenizer: TextTokenizer, request: ChatCompletionRequest) -> list[int]:
+def chat_prompt(tokenizer: TextTokenizer, request: ChatCompletionRequest, plan: ToolPlan) -> tuple[str, list[int]]:
     """Render the chat template and tokenize; a template that refuses the messages is the client's 400."""
-    messages = [m.template_dict() for m in request.messages]
+    extra = dict(request.chat_template_kwargs or {})
+    if plan.template_tools is not None:
+        extra.setdefault("tools", plan.template_tools)
     try:
-        text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, **(request.chat_template_kwargs or {})
-        )
+        text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, **extra)
     except Exception as exc:
         logger.info("chat template failed: %s", exc)
         raise ApiError(f"The chat template could not render these messages: {exc}", param="messages") from exc
     # The template writes the special tokens (BOS included) itself.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def tool_plan(tokenizer: TextTokenizer, request: ChatCompletionRequest, features: ChatFeatures) -> ToolPlan:
+    """What the request does about tools (the history as the template takes it, a forced call, the parser)."""
+    try:
+        return ToolPlan.make(
+            [m.template_dict() for m in request.messages],
+            request.tools,
+            request.tool_choice,
+            parallel=request.parallel_tool_calls is not False,
+            template_source=tokenizer.chat_template_source(has_tools=bool(request.tools)),
+            features=features,
+        )
+    except GrammarError as e:
+        raise ApiError(f"{e}.", param=e.param) from None
 
 
 async def create_chat_completion(
@@ -69,38 +89,52 @@ async def create_chat_completion(
     model: str,
     metrics: Metrics,
     arrived: float,
+    features: ChatFeatures,
 ) -> Response:
     request = parse_request(ChatCompletionRequest, body, vocab_size=tokenizer.vocab_size)
     check_model(request.model, model)
-    prompt_ids = tuple(await asyncio.to_thread(chat_prompt_ids, tokenizer, request))
+    plan = tool_plan(tokenizer, request, features)
+    prompt_text, ids = await asyncio.to_thread(chat_prompt, tokenizer, request, plan)
+    prompt_ids = tuple(ids)
     max_tokens = token_budget(
         len(prompt_ids), request.requested_max_tokens, engine.max_model_len, default=None, param="messages"
     )
     top_n = (request.top_logprobs or 0) if request.logprobs else None
     request_id = new_id("chatcmpl")
+    keep = features.keep_ids(tools=plan.parser is not None)
+
+    def params(i: int) -> SamplingParams:
+        p = request.sampling_params(max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=top_n)
+        return p if plan.grammar is None else dataclasses.replace(p, grammar=plan.grammar)
+
     choices = [
         Choice(
             index=i,
-            request=GenerationRequest(
-                f"{request_id}-{i}",
-                prompt_ids,
-                request.sampling_params(max_tokens=max_tokens, seed=choice_seed(request.seed, i), logprobs=top_n),
-            ),
-            text=ChoiceText.for_request(tokenizer, request),
+            request=GenerationRequest(f"{request_id}-{i}", prompt_ids, params(i)),
+            text=ChoiceText.for_request(tokenizer, request, keep=keep),
         )
         for i in range(request.n or 1)
     ]
     runner = ChoiceRunner(engine, choices, metrics, arrived=arrived)
     await runner.start()
     head = {"id": request_id, "created": int(time.time()), "model": model}
+    answer = functools.partial(
+        AnswerReader, reasoning=features.reasoning_parser, tools=plan.parser, prompt=prompt_text
+    )
     if request.stream:
-        stream = _stream(runner, tokenizer, head, top_n, len(prompt_ids), include_usage=request.include_usage)
+        stream = _stream(runner, tokenizer, head, top_n, len(prompt_ids), answer, include_usage=request.include_usage)
         return sse_response(stream)
-    return await _collect(runner, tokenizer, head, top_n, len(prompt_ids))
+    read = functools.partial(read_answer, reasoning=features.reasoning_parser, tools=plan.parser, prompt=prompt_text)
+    return await _collect(runner, tokenizer, head, top_n, len(prompt_ids), read)
 
 
 async def _collect(
-    runner: ChoiceRunner, tokenizer: TextTokenizer, head: dict[str, Any], top_n: int | None, prompt_tokens: int
+    runner: ChoiceRunner,
+    tokenizer: TextTokenizer,
+    head: dict[str, Any],
+    top_n: int | None,
+    prompt_tokens: int,
+    read: Callable[..., tuple[dict[str, Any], str]],
 ) -> Response:
     n = len(runner.choices)
     texts = [""] * n
@@ -111,17 +145,18 @@ async def _collect(
             texts[update.index] += update.piece.text
             entries[update.index] += update.piece.logprobs
             finish[update.index] = update.piece.finish_reason or finish[update.index]
+    answers = [read(texts[i], finish_reason=finish[i] or "stop") for i in range(n)]
     body = {
         **head,
         "object": "chat.completion",
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": texts[i]},
+                "message": message,
                 "logprobs": None if top_n is None else {"content": chat_logprobs(tokenizer, entries[i], top_n)},
-                "finish_reason": finish[i],
+                "finish_reason": reason,
             }
-            for i in range(n)
+            for i, (message, reason) in enumerate(answers)
         ],
         "usage": usage(prompt_tokens, runner.completion_tokens),
     }
@@ -134,6 +169,7 @@ async def _stream(
     head: dict[str, Any],
     top_n: int | None,
     prompt_tokens: int,
+    answer: Callable[[], AnswerReader],
     *,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
@@ -141,25 +177,40 @@ async def _stream(
     if include_usage:
         base["usage"] = None
 
-    def chunk(index: int, delta: dict[str, str], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> bytes:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return sse({**base, "choices": [choice]})
 
+    readers = [answer() for _ in runner.choices]
     try:
         for i in range(len(runner.choices)):
             yield chunk(i, {"role": "assistant", "content": ""})
         async with aclosing(runner.updates()) as updates:
             async for update in updates:
-                piece = update.piece
+                piece, reader = update.piece, readers[update.index]
+                delta = reader.feed(piece.text)
+                finish_reason = None
+                if piece.finish_reason is not None:
+                    tail, finish_reason = reader.finish(piece.finish_reason)
+                    delta = _joined(delta, tail)
                 # The finish reason rides on the chunk with the last tokens (vLLM's form); an empty delta of its
-                # own only when the end brought nothing to send (a stop string cut it, or only EOS came).
-                if piece.text or piece.logprobs:
-                    logprobs = None if top_n is None else {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
-                    yield chunk(update.index, {"content": piece.text}, logprobs, piece.finish_reason)
-                elif piece.finish_reason is not None:
-                    yield chunk(update.index, {}, None, piece.finish_reason)
+                # own only when the end brought nothing to send (a stop string cut it, or only EOS came). A chunk
+                # whose text a parser holds back still carries its tokens' logprobs.
+                if delta or piece.logprobs or finish_reason is not None:
+                    logprobs = None
+                    if top_n is not None and piece.logprobs:
+                        logprobs = {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
+                    yield chunk(update.index, delta, logprobs, finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
         yield SSE_DONE
     except Exception as exc:
         yield stream_error(exc)
+
+
+def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two deltas as one: texts joined, tool-call entries listed in order."""
+    out = dict(first)
+    for key, value in second.items():
+        out[key] = out[key] + value if key in out else value
+    return out

@@ -6,7 +6,7 @@ context length, end-of-sequence (`eos_after`, `ignore_eos`, `min_tokens`), `stop
 `prompt_logprobs`. Closing a stream before its last output records its request id in `cancelled`: that is how
 the tests see that the HTTP layer let go of a row (client disconnect, stop string).
 
-The tokens are drawn from `pool` by a PRNG seeded from the prompt ids and, with temperature > 0, the seed (or,
+The tokens are drawn (unless `answer` fixes them) from `pool` by a PRNG seeded from the prompt ids and, with temperature > 0, the seed (or,
 without one, the request id, so `n` unseeded choices differ). `script(prompt_ids, params, request_id)` gives the
 same sequence ahead of time, so a test can decode it and pick a stop string that spans tokens.
 """
@@ -46,6 +46,7 @@ class FakeEngine:
         fail_after: int | None = None,
         nonfinite_logprobs: bool = False,
         metrics: Metrics | None = None,
+        answer: Sequence[int] | None = None,
     ) -> None:
         """
         pool: token ids to generate from (ordinary text tokens make readable output).
@@ -53,6 +54,7 @@ class FakeEngine:
         tokens_per_step: tokens in each output (more than one exercises multi-token outputs).
         fail_after: raise RuntimeError after this many outputs (to test errors mid-stream).
         nonfinite_logprobs: put -inf and NaN among the logprobs (to test that the server clamps them).
+        answer: every request gets these tokens in this order (repeated to its length) instead of random ones.
         """
         assert pool, "the fake engine needs a non-empty token pool"
         self.pool = tuple(pool)
@@ -66,6 +68,7 @@ class FakeEngine:
         self.fail_after = fail_after
         self.nonfinite_logprobs = nonfinite_logprobs
         self.metrics = metrics
+        self.answer = tuple(answer or ())
         self.requests: list[GenerationRequest] = []
         self.live: set[str] = set()
         self.cancelled: list[str] = []
@@ -93,6 +96,8 @@ class FakeEngine:
 
     def script(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str = "") -> list[int]:
         """The tokens a request would get, before any stopping rule (eos, stop ids, lengths) cuts them."""
+        if self.answer:
+            return [self.answer[i % len(self.answer)] for i in range(params.max_tokens)]
         rng = self._rng(prompt_ids, params, request_id)
         return [rng.choice(self.pool) for _ in range(params.max_tokens)]
 

@@ -15,9 +15,6 @@ out; once it is complete EOS is allowed (`accepts_eos`), and once nothing but EO
 the mask allows only the tokenizer's EOS ids, so the row samples EOS and ends as any request does; `request.check_stop`
 ends it at once (finish_reason "stop") without spending that step. The model's vocabulary may be wider
 than the tokenizer's: the ids past the tokenizer are never allowed.
-
-(Slightly past the package's usual 400 lines; the forced tool-call grammar, `tool_call_spec` and its helpers, is
-what moves into a file of its own when tools are wired in and it grows.)
 """
 
 from __future__ import annotations
@@ -97,31 +94,6 @@ class GrammarSpec:
         """A Lark grammar in llguidance's dialect (rule `start`; `%json {...}` inlines a schema; special tokens
         as `<|name|>` or `<[id]>`)."""
         return cls("lark", grammar)
-
-
-@dataclass(frozen=True)
-class ToolCallFormat:
-    """How a model family writes tool calls: `prefix`, then each call as `call_prefix` + JSON + `call_suffix`
-    (calls joined by `separator`), then `suffix`. The JSON is `{"name": ..., "<arguments_key>": {...}}`.
-
-    Any of the texts may contain special tokens of the tokenizer (`[TOOL_CALLS]`, `<|python_tag|>`): there the
-    grammar asks for that token, not for its spelling in plain text.
-    """
-
-    prefix: str = ""
-    call_prefix: str = ""
-    call_suffix: str = ""
-    separator: str = ""
-    suffix: str = ""
-    arguments_key: str = "arguments"
-
-
-HERMES = ToolCallFormat(call_prefix="<tool_call>\n", call_suffix="\n</tool_call>", separator="\n")
-"""Hermes / Qwen: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call."""
-MISTRAL = ToolCallFormat(prefix="[TOOL_CALLS][", separator=", ", suffix="]")
-"""Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`."""
-LLAMA3_JSON = ToolCallFormat(separator="; ", arguments_key="parameters")
-"""Llama 3.x JSON calls: `{"name": ..., "parameters": {...}}`."""
 
 
 def allowed_all(vocab_size: int) -> np.ndarray:
@@ -204,12 +176,8 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.words = -(-vocab_size // 32)
         """Width of a mask row in int32 words."""
+        self.tokenizer = tokenizer
         self.eos_token_ids = tokenizer.eos_token_ids
-        self._special = {
-            tokenizer.token_bytes(i).decode("utf-8", errors="replace"): i
-            for i in range(tokenizer.vocab_size)
-            if tokenizer.is_special(i) and tokenizer.token_bytes(i)
-        }
         self._ll_tokenizer = llguidance.LLTokenizer(
             llguidance.TokenizerWrapper(_Vocabulary(tokenizer, vocab_size)), eos_token=sorted(self.eos_token_ids)
         )
@@ -241,81 +209,15 @@ class GrammarCompiler:
         pairs = [(m._inner, row) for m, row in rows]
         self._executor.unsafe_compute_mask_ptr(pairs, out.ctypes.data, self.words * 4, out.shape[0])
 
-    def tool_call_spec(
-        self,
-        tools: Sequence[Mapping[str, Any]],
-        tool_choice: str | Mapping[str, Any],
-        *,
-        call_format: ToolCallFormat = HERMES,
-        parallel: bool = True,
-    ) -> GrammarSpec:
-        """The grammar of an answer that is only tool calls, for `tool_choice` "required" (any of `tools`) or
-        `{"type": "function", "function": {"name": ...}}` (that one). `tools` as OpenAI sends them; each call's
-        arguments follow its function's `parameters` schema (objects closed where the function is `strict`).
-        `parallel`: one or more calls; otherwise exactly one. Raises GrammarError (param `tools` or
-        `tool_choice`)."""
-        functions = _functions(tools)
-        if tool_choice == "required":
-            chosen = list(functions)
-        elif isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
-            name = tool_choice["function"].get("name")
-            if name not in functions:
-                raise GrammarError(
-                    f"tool_choice names function {name!r}, which is not among the tools "
-                    f"({', '.join(map(repr, functions)) or 'none given'})",
-                    param="tool_choice",
-                )
-            chosen = [name]
-        else:
-            raise GrammarError(
-                f"tool_choice {tool_choice!r} is not enforced by a grammar: only \"required\" and "
-                '{"type": "function", "function": {"name": ...}} are',
-                param="tool_choice",
-            )
-        if not chosen:
-            raise GrammarError('tool_choice "required" needs at least one tool', param="tools")
-        f = call_format
-        calls = "call" + (f" ({self._literal(f.separator)} call)*" if parallel else "")
-        lines = [f"start: {self._literal(f.prefix)} {calls} {self._literal(f.suffix)}",
-                 f"call: {self._literal(f.call_prefix)} body {self._literal(f.call_suffix)}",
-                 "body: " + " | ".join(f"fn_{i}" for i in range(len(chosen)))]  # fmt: skip
-        for i, name in enumerate(chosen):
-            params, strict, where = functions[name]
-            schema = _schema_text(params, strict=strict)
-            problem = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
-            if problem:
-                problem = _error_text(problem, "json_schema")
-                raise GrammarError(f"{where}.function.parameters: {problem}", param=where)
-            head = f'{{"name": {json.dumps(name, ensure_ascii=False)}, {json.dumps(f.arguments_key)}: '
-            lines.append(f'fn_{i}: {self._literal(head)} args_{i} "}}"')
-            lines.append(f"args_{i}: %json {schema}")
-        return GrammarSpec.lark("\n".join(lines))
-
-    def _literal(self, text: str) -> str:
-        """`text` as a sequence of Lark terminals: special tokens of this tokenizer as `<[id]>`, the rest as
-        quoted strings."""
-        parts: list[str] = []
-        while text:
-            hits = [(text.find(s), -len(s), s) for s in self._special if s in text]
-            if not hits:
-                parts.append(json.dumps(text, ensure_ascii=False))
-                break
-            at, _, special = min(hits)
-            if at:
-                parts.append(json.dumps(text[:at], ensure_ascii=False))
-            parts.append(f"<[{self._special[special]}]>")
-            text = text[at + len(special) :]
-        return " ".join(parts)
-
     def _build(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         if spec.kind == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(_schema_text({"type": "object"}, strict=False))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text({"type": "object"}, strict=False))
         elif spec.kind == "json_schema":
             try:
                 schema = json.loads(spec.source)
             except ValueError as err:
                 raise GrammarError(f"the JSON schema is not JSON: {err}") from None
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(_schema_text(schema, strict=spec.strict))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text(schema, strict=spec.strict))
         elif spec.kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(spec.source)
         elif spec.kind == "lark":
@@ -325,7 +227,7 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             what = _KIND_NAMES[spec.kind]
-            raise GrammarError(f"unsupported or invalid {what}: {_error_text(matcher.get_error(), spec.kind)}")
+            raise GrammarError(f"unsupported or invalid {what}: {error_text(matcher.get_error(), spec.kind)}")
         return matcher
 
 
@@ -347,29 +249,7 @@ class _Vocabulary:
         return self._tokenizer.encode(text.decode("utf-8", errors="replace"))
 
 
-def _functions(tools: Sequence[Mapping[str, Any]]) -> dict[str, tuple[Mapping[str, Any], bool, str]]:
-    """name -> (parameters schema, strict, "tools[i]") of OpenAI `tools`, checked."""
-    functions: dict[str, tuple[Mapping[str, Any], bool, str]] = {}
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, Mapping) else None
-        if not isinstance(fn, Mapping) or tool.get("type", "function") != "function":
-            shape = '{"type": "function", "function": {...}}'
-            raise GrammarError(f"tools[{i}] is not {shape}", param=f"tools[{i}]")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise GrammarError(f"tools[{i}].function.name must be a non-empty string", param=f"tools[{i}]")
-        if name in functions:
-            raise GrammarError(f"tools[{i}]: function {name!r} is defined twice", param=f"tools[{i}]")
-        params = fn.get("parameters")
-        if params is None:  # OpenAI: a function without parameters takes none
-            params = {"type": "object", "properties": {}, "additionalProperties": False}
-        if not isinstance(params, Mapping):
-            raise GrammarError(f"tools[{i}].function.parameters must be a JSON schema object", param=f"tools[{i}]")
-        functions[name] = (params, bool(fn.get("strict", False)), f"tools[{i}]")
-    return functions
-
-
-def _schema_text(schema: Mapping[str, Any], *, strict: bool) -> str:
+def schema_text(schema: Mapping[str, Any], *, strict: bool) -> str:
     """The schema as llguidance compiles it: our JSON options in its `x-guidance` (replacing any the client
     sent), objects closed when strict."""
     schema = _closed(schema) if strict else dict(schema)
@@ -406,7 +286,7 @@ def _closed(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _error_text(message: str, kind: GrammarKind) -> str:
+def error_text(message: str, kind: GrammarKind) -> str:
     """llguidance's error without its state dump; for a regex also without the position in, and the echo of,
     the one-line Lark grammar llguidance wrapped it in (`at 1(8): ... 1 | start: /(ab/`)."""
     lines = message.split("<non-verbose/>")[0].split("\n<state>")[0].strip().splitlines()

@@ -254,7 +254,7 @@ class ChatCompletionRequest(SamplingRequest):
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
-    """Accepted and ignored: the models served here do not reason in hidden tokens."""
+    """Accepted and ignored: thinking is turned on or off through the template (`chat_template_kwargs`)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """Extension (vLLM's): extra variables for the chat template, e.g. `{"enable_thinking": false}`."""
 
@@ -306,14 +306,10 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check(self, vocab_size: int) -> None:
         super().check(vocab_size)
-        if self.tools and self.tool_choice != "none":
-            raise ApiError(
-                "tools are not supported yet: leave out tools, or set tool_choice to 'none'.", param="tools"
-            )
-        if self.tool_choice not in (None, "none") and not self.tools:
-            raise ApiError("tool_choice needs tools, and tools are not supported yet.", param="tool_choice")
+        self._check_tools()
         if self.functions or self.function_call not in (None, "none"):
-            raise ApiError("function calling is not supported yet.", param="functions")
+            raise ApiError("functions and function_call are deprecated and not served: send tools and tool_choice.",
+                           param="functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         if self.min_tokens and self.requested_max_tokens and self.min_tokens > self.requested_max_tokens:
@@ -321,6 +317,24 @@ class ChatCompletionRequest(SamplingRequest):
                 f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.requested_max_tokens}).",
                 param="min_tokens",
             )
+
+    def _check_tools(self) -> None:
+        from maxjax.serve.grammar import GrammarError
+        from maxjax.serve.tool_use import check_tools, chosen_function
+
+        try:
+            functions = check_tools(self.tools or [])
+            if self.tool_choice is not None:
+                if not self.tools and self.tool_choice != "none":
+                    raise GrammarError("tool_choice needs tools", param="tool_choice")
+                chosen_function(self.tool_choice, functions)
+        except GrammarError as e:
+            raise ApiError(f"{e}.", param=e.param) from None
+        forced = self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+        constrained = (self.response_format or {}).get("type", "text") != "text" or self.structured_outputs is not None
+        if forced and constrained:
+            raise ApiError("a required tool call and response_format (or structured_outputs) cannot both "
+                           "constrain the answer: send one.", param="tool_choice")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -11,8 +11,9 @@ is over. Two things are held back, never shown early:
 
 Tokens are fed one at a time, so a stop string is found at the token that completes it; later tokens of the
 same engine output are dropped and not counted. Special tokens (end-of-sequence, chat markers) never reach the
-text; the token that ended generation (an end-of-sequence or `stop_token_ids` id) is left out of the text too,
-but it is counted in usage and has its logprob, as with vLLM.
+text, except those a parser reads (`keep`: `[TOOL_CALLS]`, `<think>` and the like, where they are special); the
+token that ended generation (an end-of-sequence or `stop_token_ids` id) is left out of the text too, but it is
+counted in usage and has its logprob, as with vLLM.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TextTokenizer(Protocol):
     def token_bytes(self, token_id: int) -> bytes: ...
     def token_text(self, token_id: int) -> str: ...
     def is_special(self, token_id: int) -> bool: ...
+    def chat_template_source(self, template: str | None = None, *, has_tools: bool = False) -> str | None: ...
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -125,25 +127,30 @@ class ChoiceText:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
         offset: int = 0,
+        keep: frozenset[int] = frozenset(),
     ) -> None:
-        """`offset`: characters already in front of this choice's text (the echoed prompt), for `text_offset`."""
+        """`offset`: characters already in front of this choice's text (the echoed prompt), for `text_offset`.
+        `keep`: special tokens whose text stays in (markers a tool or reasoning parser reads)."""
         self.tokenizer = tokenizer
         # continuation: generated text follows a prompt, so a SentencePiece leading space is real text.
         self.detok = tokenizer.detokenizer(continuation=True)
         self.matcher = StopMatcher(stop, include_stop=include_stop_str_in_output)
         self.include_stop = include_stop_str_in_output
+        self.keep = keep
         self.chars = offset
         """Characters detokenized so far (shown or held), plus the echo offset."""
         self.finished = False
 
     @classmethod
-    def for_request(cls, tokenizer: TextTokenizer, request: SamplingRequest, *, offset: int = 0) -> ChoiceText:
+    def for_request(cls, tokenizer: TextTokenizer, request: SamplingRequest, *, offset: int = 0,
+                    keep: frozenset[int] = frozenset()) -> ChoiceText:
         """A choice's text under a chat or completion request's stop rules."""
         return cls(
             tokenizer,
             stop=request.stop or (),
             include_stop_str_in_output=bool(request.include_stop_str_in_output),
             offset=offset,
+            keep=keep,
         )
 
     def add(self, output: GenerationOutput) -> Piece:
@@ -157,7 +164,8 @@ class ChoiceText:
             piece.offsets.append(self.chars)
             is_last = i == len(ids) - 1
             ended_by_token = is_last and output.stop_token == token  # the engine decided that (request.check_stop)
-            if self.tokenizer.is_special(token) or (ended_by_token and not self.include_stop):
+            skipped = self.tokenizer.is_special(token) and token not in self.keep
+            if skipped or (ended_by_token and not self.include_stop):
                 continue
             new = self.detok.add(token)
             self.chars += len(new)
