@@ -1,15 +1,18 @@
 """`POST /v1/chat/completions`: messages in, one assistant message per choice out (whole, or streamed as SSE).
 
-The path: validate the body (`ChatCompletionRequest`, then `.check`) → render the chat template and tokenize (in
-a worker thread: a long conversation must not stall other streams) → size the token budget against the context
-→ one engine request per choice (`ChoiceRunner`) → either collect every `Piece` into a `chat.completion`, or
-send them as `chat.completion.chunk` events as they come.
+The path: validate the body (`ChatCompletionRequest`, then `.check`) → plan the tools (`tool_use.ToolPlan`: what
+the template sees, a forced call's grammar, the parser) → render the chat template and tokenize (in a worker
+thread: a long conversation must not stall other streams) → size the token budget against the context → one
+engine request per choice (`ChoiceRunner`) → read each choice's text into content, `reasoning_content` and
+`tool_calls` (`chat_answer`) and either collect it into a `chat.completion`, or send it as
+`chat.completion.chunk` events as it comes.
 
 Stream shape (what the `openai` client and its users rely on): every chunk has the same id, created and model;
-each choice index opens with `delta: {"role": "assistant", "content": ""}`; content chunks carry no role;
-each index's `finish_reason` is set on the chunk carrying its last tokens (a chunk with an empty delta only when
-the end brought no text); with
-`stream_options.include_usage` every chunk has `usage: null` and one last chunk has `choices: []` and the usage;
+each choice index opens with `delta: {"role": "assistant", "content": ""}`; later chunks carry no role (their
+delta has `content`, `reasoning_content` and/or `tool_calls`; a chunk whose text a parser holds back still
+carries its tokens' logprobs); each index's `finish_reason` is set on the chunk carrying its last tokens (a chunk
+with an empty delta only when the end brought no text); with `stream_options.include_usage` every chunk has
+`usage: null` and one last chunk has `choices: []` and the usage;
 then `data: [DONE]`. A failure after the first byte is an event with a top-level `error` (the client raises).
 """
 
