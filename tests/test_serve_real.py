@@ -164,6 +164,11 @@ def test_mixed_workload_compiles_nothing(server: RealServer) -> None:
         jobs += [client.chat.completions.create(model="smollm2", messages=_chat("A JSON object, please."),
                                                 max_tokens=12, response_format={"type": "json_object"},
                                                 temperature=t, logprobs=True) for t in (0.0, 0.9)]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+        jobs += [client.chat.completions.create(model="smollm2", messages=_chat("Call f."), max_tokens=16,
+                                                tools=[tool], tool_choice=choice)  # type: ignore[call-overload]
+                 for choice in ("required", "auto")]
         await asyncio.gather(*jobs)
 
     # echo + logprobs through the raw client: the strict one rejects OpenAI's null first logprob.
