@@ -2,10 +2,12 @@
 
 The path of a request:
 
-1. `before_request`: on `/v1/...`, the API key (401 without `Authorization: Bearer <key>`, compared in constant
-   time), then readiness (503 with Retry-After while the model loads in the background).
+1. `before_request`: on `/v1/...`, `/tokenize` and `/detokenize`, the API key (401 without `Authorization: Bearer
+   <key>`, compared in constant time), then readiness (503 with Retry-After while the model loads in the
+   background).
 2. The route reads the body as JSON (`_read_json`: 400 for malformed JSON, NaN/Infinity, a non-object body or a
-   Content-Type other than JSON) and hands it to `chat.create_chat_completion` / `completions.create_completion`,
+   Content-Type other than JSON) and hands it to `chat.create_chat_completion` / `completions.create_completion`
+   (or `responses.create_response`, `tokenize.tokenize` / `detokenize`),
    which validate it, tokenize, run the choices on the engine and answer JSON or an SSE stream.
 3. Errors are OpenAI error objects (`{"error": {message, type, param, code}}`) whatever raised them: `ApiError`
    with its status, werkzeug's HTTP errors (unknown route 404, wrong method 405, body too large 413) with
@@ -63,11 +65,16 @@ from maxjax.serve.errors import (
 )
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine
+from maxjax.serve.responses import ResponseStore, create_response
 from maxjax.serve.schemas import ModelCard
 from maxjax.serve.text import TextTokenizer
+from maxjax.serve.tokenize import detokenize, tokenize
 from maxjax.serve.tool_use import ChatFeatures
 
 logger = logging.getLogger(__name__)
+
+GATED_PATHS = ("/tokenize", "/detokenize")
+"""Routes outside `/v1/` that are behind the API key and readiness too."""
 
 
 
@@ -121,6 +128,7 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         return engine, tokenizer
 
     features: dict[int, ChatFeatures] = {}
+    responses = ResponseStore()
 
     def chat_features(tokenizer: TextTokenizer) -> ChatFeatures:
         """The parsers for the served tokenizer (made at its first chat request; the flags were checked at start)."""
@@ -134,7 +142,7 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
     @app.before_request
     async def _gate() -> None:
         g.arrived = time.perf_counter()  # time to first token counts from here
-        if not request.path.startswith("/v1/"):
+        if not (request.path.startswith("/v1/") or request.path in GATED_PATHS):
             return
         if state.draining:
             raise shutting_down()
@@ -190,6 +198,39 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         return await create_completion(
             body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived()
         )
+
+    @app.post("/v1/responses")
+    async def create_responses() -> Response:
+        engine, tokenizer = serving()
+        body = await _read_json()
+        return await create_response(
+            body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics,
+            arrived=_arrived(), features=chat_features(tokenizer), store=responses,
+        )
+
+    @app.get("/v1/responses/<response_id>")
+    async def get_response(response_id: str) -> Response:
+        if request.args.get("stream", "false").lower() == "true":
+            raise ApiError("Streaming a stored response again is not supported: retrieve it whole.", param="stream")
+        return json_response(responses.get(response_id).response)
+
+    @app.delete("/v1/responses/<response_id>")
+    async def delete_response(response_id: str) -> Response:
+        responses.delete(response_id)
+        return json_response({"id": response_id, "object": "response", "deleted": True})
+
+    @app.post("/tokenize")
+    async def tokenize_route() -> Response:
+        engine, tokenizer = serving()
+        body = await _read_json()
+        return json_response(await tokenize(body, engine=engine, tokenizer=tokenizer, model=state.model_name,
+                                            features=chat_features(tokenizer)))
+
+    @app.post("/detokenize")
+    async def detokenize_route() -> Response:
+        _, tokenizer = serving()
+        body = await _read_json()
+        return json_response(await detokenize(body, tokenizer=tokenizer, model=state.model_name))
 
     def model_card() -> ModelCard:
         engine, _ = serving()

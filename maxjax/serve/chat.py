@@ -55,13 +55,14 @@ from maxjax.serve.tool_use import ChatFeatures, ToolPlan
 logger = logging.getLogger(__name__)
 
 
-def chat_prompt(tokenizer: TextTokenizer, request: ChatCompletionRequest, plan: ToolPlan) -> tuple[str, list[int]]:
+def chat_prompt(tokenizer: TextTokenizer, request: ChatCompletionRequest, plan: ToolPlan, *,
+                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
     """Render the chat template and tokenize; a template that refuses the messages is the client's 400."""
     extra = dict(request.chat_template_kwargs or {})
     if plan.template_tools is not None:
         extra.setdefault("tools", plan.template_tools)
     try:
-        text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=True, **extra)
+        text = tokenizer.apply_chat_template(plan.messages, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:
         logger.info("chat template failed: %s", exc)
         raise ApiError(f"The chat template could not render these messages: {exc}", param="messages") from exc

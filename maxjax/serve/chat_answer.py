@@ -20,10 +20,12 @@ def read_answer(
     text: str, *, reasoning: ReasoningParser | None, tools: ToolParser | None, prompt: str, finish_reason: str
 ) -> tuple[dict[str, Any], str]:
     """A finished answer as (`message`, finish_reason): `content` (None when the answer was only calls),
-    `reasoning_content` (None without thinking), `tool_calls` when there are any; "tool_calls" is the finish
-    reason when it made calls."""
+    `reasoning_content` (None without thinking), `refusal` (always None) and `annotations` (always []), which
+    OpenAI's schema requires, and `tool_calls` when there are any; "tool_calls" is the finish reason when it made
+    calls."""
     thinking, content = reasoning.split(text, prompt=prompt) if reasoning is not None else (None, text)
-    message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": thinking}
+    message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": thinking,
+                               "refusal": None, "annotations": []}
     if tools is not None:
         parsed = tools.parse(content)
         message["content"] = parsed.content

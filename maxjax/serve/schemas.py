@@ -209,6 +209,10 @@ class ChatMessage(BaseModel):
     """Passed through to the chat template (earlier turns of a conversation that used tools elsewhere)."""
     tool_call_id: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None
+    """An earlier answer's thinking, sent back as this server returned it; templates that show it get it."""
+    annotations: list[Any] | None = None
+    """Sent back with an earlier answer (`message.model_dump()`); ignored."""
 
     @field_validator("content", mode="before")
     @classmethod
@@ -238,7 +242,7 @@ class ChatMessage(BaseModel):
 
     def template_dict(self) -> dict[str, Any]:
         """What the chat template sees: the message with unset fields left out."""
-        return self.model_dump(exclude_none=True)
+        return self.model_dump(exclude_none=True, exclude={"annotations"})
 
 
 class ChatCompletionRequest(SamplingRequest):
