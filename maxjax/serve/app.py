@@ -55,6 +55,7 @@ from maxjax.config import ServerConfig
 from maxjax.serve.chat import create_chat_completion
 from maxjax.serve.choices import json_response
 from maxjax.serve.completions import create_completion
+from maxjax.serve.embeddings import create_embeddings
 from maxjax.serve.errors import (
     LOADING_RETRY_AFTER_S,
     ApiError,
@@ -196,6 +197,14 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         engine, tokenizer = serving()
         body = await _read_json()
         return await create_completion(
+            body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived()
+        )
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        engine, tokenizer = serving()
+        body = await _read_json()
+        return await create_embeddings(
             body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived()
         )
 

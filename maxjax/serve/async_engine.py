@@ -65,6 +65,7 @@ class AsyncEngine:
         self.core = core
         self.model_name = model_name
         self.max_model_len = core.scheduler.max_length
+        self.pooling = core.pooling
         self.metrics = metrics
         self.on_fatal = on_fatal
         self._lock = threading.Lock()

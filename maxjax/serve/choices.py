@@ -133,6 +133,8 @@ class Update:
     piece: Piece
     prompt_logprobs: Sequence[TokenLogprob | None] | None = None
     """Only on a choice's first update, when the engine sent them."""
+    embedding: tuple[float, ...] | None = None
+    """An embedding request's vector (its one update)."""
 
 
 class _Failed:
@@ -234,7 +236,8 @@ class ChoiceRunner:
                 last = now
                 piece = choice.text.add(output)
                 self.metrics.count_tokens(generated=len(piece.token_ids))
-                queue.put_nowait(Update(choice.index, piece, output.prompt_logprobs if first else None))
+                queue.put_nowait(Update(choice.index, piece, output.prompt_logprobs if first else None,
+                                        output.embedding))
                 if piece.finish_reason is not None:
                     break  # finished, or a stop string matched: closing the iterator (below) frees the row
             else:

@@ -35,6 +35,7 @@ from maxjax.serve.admission import admit
 from maxjax.serve.protocol import (
     GenerationOutput,
     GenerationRequest,
+    Pooling,
     RequestRejected,
     TokenLogprob,
 )
@@ -89,6 +90,8 @@ class _Launched:
     prefill: SampleOutput | None
     scores: PromptScores | None
     decode: SampleOutput | None
+    hidden: jax.Array | None = None
+    """The prefill step's hidden states, when a row embeds."""
 
 
 class EngineCore:
@@ -107,6 +110,8 @@ class EngineCore:
         self.page_size = scheduler.page_size
         self.last_step: StepTime | None = None
         """Where the last step's time went (the server's metrics add these up)."""
+        self.pooling = Pooling()
+        """How embedding requests of this model are pooled by default (the checkpoint's declaration)."""
         self._rows = _RowTable(scheduler.max_batch_size + 1, self.grid.max_pages)
         self._in_flight: _Launched | None = None
 
@@ -242,10 +247,10 @@ class EngineCore:
         for req in plan.admitted:
             self._rows.seat(req)
         starts = [req.cached for req, _ in plan.prefill]
-        prefill, scores = self._run_prefill(plan.prefill) if plan.prefill else (None, None)
+        prefill, scores, hidden = self._run_prefill(plan.prefill) if plan.prefill else (None, None, None)
         decode = self._run_decode(plan.decode) if plan.decode else None
         self.scheduler.advance(plan)
-        return _Launched(plan, starts, prefill, scores, decode)
+        return _Launched(plan, starts, prefill, scores, decode, hidden)
 
     def _collect(self, results: list[tuple[Request, GenerationOutput]]) -> float:
         """Fetch the step in flight (one transfer for both of its parts), append each row's token to its request
@@ -253,7 +258,8 @@ class EngineCore:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         waited = time.perf_counter()
-        prefill, scores, decode = jax.device_get((launched.prefill, launched.scores, launched.decode))
+        prefill, scores, decode, hidden = jax.device_get(
+            (launched.prefill, launched.scores, launched.decode, launched.hidden))
         waited = time.perf_counter() - waited
         plan = launched.plan
         for row, ((seq, n), start) in enumerate(zip(plan.prefill, launched.starts, strict=True)):
@@ -261,7 +267,13 @@ class EngineCore:
                 continue  # cancelled while the step ran
             if scores is not None:  # a request that wants prompt logprobs is prefilled alone
                 self._add_prompt_logprobs(seq, scores, start, n)
-            if start + n == len(seq.prompt):  # its last prompt chunk: the step sampled its first token
+            if seq.params.embed is not None:
+                seq.pool_chunk(hidden[row, :n], start)
+                if start + n == len(seq.prompt):  # pooled: the token the step sampled is not wanted
+                    seq.finish("stop")
+                    results.append((seq, GenerationOutput(token_ids=(), embedding=seq.embedding(),
+                                                          finish_reason="stop")))
+            elif start + n == len(seq.prompt):  # its last prompt chunk: the step sampled its first token
                 results.append((seq, self._append(seq, prefill, row)))
         for row, seq in enumerate(plan.decode):
             if not seq.finished:  # (ended by the step before, or cancelled: this token is dropped)
@@ -330,20 +342,25 @@ class EngineCore:
         if p.repetition_penalty != 1.0:
             adjust.seen[r, :n] = [t in req.counts or t in req.prompt_set for t in slots]
 
-    def _run_prefill(self, chunks: list[tuple[Request, int]]) -> tuple[SampleOutput, PromptScores | None]:
+    def _run_prefill(
+        self, chunks: list[tuple[Request, int]]
+    ) -> tuple[SampleOutput, PromptScores | None, jax.Array | None]:
+        """The prefill step; with it the prompt scores of its one row that wants them, and its hidden states
+        when a row embeds (all fetched with the step's tokens)."""
         shape = self.grid.prefill_bucket(len(chunks), max(n for _, n in chunks))
         assert shape is not None, "the scheduler plans only prefill steps the grid holds"
         rows, width = shape
         out, hidden = self.runner.step(self._batch(chunks, rows, width))
+        embeds = hidden if any(req.params.embed is not None for req, _ in chunks) else None
         seq, n = chunks[0]
         if seq.params.prompt_logprobs is None:
-            return out, None  # (a request that wants them is the step's only row)
+            return out, None, embeds  # (a request that wants them is the step's only row)
         # Position p's logits score prompt token p + 1; the chunk's last position scores the first output
         # token instead, which is not part of the prompt.
         targets = np.zeros((1, width), np.int32)
         nxt = seq.prompt[seq.cached + 1 : seq.cached + n + 1]
         targets[0, : len(nxt)] = nxt
-        return out, self.runner.score(hidden, targets)
+        return out, self.runner.score(hidden, targets), embeds
 
     def _add_prompt_logprobs(self, req: Request, scores: PromptScores, start: int, n: int) -> None:
         """The logprobs of prompt tokens start + 1 .. start + n (the chunk's positions score the next token)."""

@@ -24,6 +24,7 @@ from maxjax.serve.protocol import (
     Aborted,
     GenerationOutput,
     GenerationRequest,
+    Pooling,
     QueueFullError,
     SamplingParams,
     TokenLogprob,
@@ -69,6 +70,7 @@ class FakeEngine:
         self.nonfinite_logprobs = nonfinite_logprobs
         self.metrics = metrics
         self.answer = tuple(answer or ())
+        self.pooling = Pooling()
         self.requests: list[GenerationRequest] = []
         self.live: set[str] = set()
         self.cancelled: list[str] = []

@@ -109,6 +109,7 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineCon
     every bucket of the grid (or those `shapes(grid)` names). `max serve`, `max warm-cache` and `max generate` all come here."""
     from maxjax.graph.compile_cache import open_store
     from maxjax.pipeline import build_model
+    from maxjax.pooling import checkpoint_pooling
     from maxjax.serve.engine_core import EngineCore
 
     store = open_store(config.compile_cache, device)  # before anything compiles
@@ -121,6 +122,8 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineCon
         raise UserError(str(e)) from None
     if parts is not None:
         parts.done("weights placed, KV pool reserved")
+    resolved = checkpoint.resolved
+    core.pooling = checkpoint_pooling(resolved.kind, resolved.path, resolved.config_dir)
     todo = shapes(core.grid) if shapes is not None else core.grid.all_shapes()
     report = core.runner.warm_up(todo, progress=_progress(len(todo)), store=store)
     _log_warm_up(report)

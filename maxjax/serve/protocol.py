@@ -57,6 +57,20 @@ class SamplingParams:
     """None: none. k >= 0: logprobs of every prompt token after the first (for `echo` with `logprobs`)."""
     grammar: GrammarSpec | None = None
     """What the answer must match (`serve/grammar.py`): a JSON object or schema, a regex, a Lark grammar."""
+    embed: Pooling | None = None
+    """An embedding request: the prompt is prefilled (no token is generated) and its one output carries the
+    pooled hidden state."""
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How an embedding request's hidden states (the final-normed ones) become one vector."""
+
+    kind: Literal["last", "mean", "cls"] = "last"
+    """The last token's (decoder embedders: Qwen3 Embedding, e5-mistral), the mean over the tokens, or the
+    first token's."""
+    normalize: bool = True
+    """Scaled to unit length."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,8 @@ class GenerationOutput:
     stop_token: int | None = None
     """With 'stop': the stop or end-of-sequence token that ended it (its text is not part of the answer unless
     `include_stop_str_in_output`)."""
+    embedding: tuple[float, ...] | None = None
+    """An embedding request's vector (its only output, with no tokens)."""
 
 
 class Engine(Protocol):
@@ -95,6 +111,8 @@ class Engine(Protocol):
 
     model_name: str
     max_model_len: int
+    pooling: Pooling
+    """How this model's embeddings are pooled (its checkpoint's declaration, else the last token, normalized)."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full and

@@ -15,6 +15,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from maxjax.serve.protocol import FinishReason, SamplingParams, TokenLogprob
 
 PageHash = bytes
@@ -67,12 +69,38 @@ class Request:
     """Full prompt pages already registered in the prefix table."""
     hashes: list[PageHash] | None = None
     """Chained hashes of the shareable prompt pages, computed once."""
+    pooled: Any = None
+    """An embedding request's running pool over the chunks prefilled so far (`pool_chunk`)."""
     reuse_prefix: bool = field(init=False)
-    """False when every prompt position must be computed (prompt logprobs); such a request is prefilled alone."""
+    """False when every prompt position must be computed (prompt logprobs, mean or first-token pooling)."""
+    prefilled_alone: bool = field(init=False)
+    """Prompt logprobs are scored for a prefill step's only row."""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
-        self.reuse_prefix = self.params.prompt_logprobs is None
+        embed = self.params.embed
+        self.prefilled_alone = self.params.prompt_logprobs is not None
+        self.reuse_prefix = not self.prefilled_alone and (embed is None or embed.kind == "last")
+
+    def pool_chunk(self, hidden: np.ndarray, start: int) -> None:
+        """Fold in the hidden states [n, D] of prompt positions start .. start + n - 1 (an embedding request)."""
+        kind = self.params.embed.kind if self.params.embed is not None else "last"
+        if kind == "mean":
+            self.pooled = hidden.sum(axis=0) + (0.0 if self.pooled is None else self.pooled)
+        elif kind == "cls":
+            self.pooled = hidden[0].copy() if start == 0 else self.pooled
+        else:
+            self.pooled = hidden[-1].copy()
+
+    def embedding(self) -> tuple[float, ...]:
+        """The pooled vector once the whole prompt is in (mean divided by the length; normalized if asked)."""
+        embed = self.params.embed
+        vector = np.asarray(self.pooled, np.float64)
+        if embed is not None and embed.kind == "mean":
+            vector = vector / len(self.prompt)
+        if embed is None or embed.normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return tuple(vector.astype(np.float32).tolist())
 
     @property
     def max_new_tokens(self) -> int:

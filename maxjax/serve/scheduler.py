@@ -235,7 +235,7 @@ class Scheduler:
         best: list[tuple[Request, int]] = []
         best_tokens = 0
         for rows in range(1, len(waiting) + 1):
-            if rows > 1 and not (waiting[0].reuse_prefix and waiting[rows - 1].reuse_prefix):
+            if rows > 1 and (waiting[0].prefilled_alone or waiting[rows - 1].prefilled_alone):
                 break  # prompt logprobs are computed for a step's only row
             width = min(self.chunk_size, self.prefill_width(rows))
             if width <= 0:

@@ -1,0 +1,52 @@
+"""How a checkpoint says its embeddings are pooled.
+
+- A sentence-transformers checkpoint lists its modules in `modules.json`: a `Pooling` module whose folder
+  (usually `1_Pooling/`) holds `config.json` with one `pooling_mode_*` set (`mean_tokens`, `cls_token`,
+  `lasttoken`), and a `Normalize` module when the vectors are scaled to unit length.
+- A GGUF file may carry `<arch>.pooling_type` (llama.cpp's enum: 1 mean, 2 CLS, 3 last) and is normalized, as
+  llama.cpp's server does by default.
+- Anything else (a decoder used as an embedder, Qwen3 Embedding, or a chat model) pools the last token and
+  normalizes: what decoder embedders are trained for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from maxjax.serve.protocol import Pooling
+
+_ST_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+_GGUF_TYPES = {1: "mean", 2: "cls", 3: "last"}
+
+
+def sentence_transformers_pooling(model_dir: Path) -> Pooling | None:
+    """The pooling `modules.json` declares, or None when there is no such file. Raises ValueError for a
+    declaration maxjax cannot follow (a pooling mode other than mean, CLS or last token)."""
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules: list[dict[str, Any]] = json.loads(modules_file.read_text())
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    kind = "last"
+    if "Pooling" in kinds:
+        config = json.loads((model_dir / kinds["Pooling"].get("path", "1_Pooling") / "config.json").read_text())
+        chosen = [mode for key, mode in _ST_MODES.items() if config.get(key)]
+        others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in _ST_MODES]
+        if others or len(chosen) != 1:
+            raise ValueError(f"{model_dir}: sentence-transformers pooling {sorted(others) or chosen} is not served "
+                             "(one of mean, CLS or last token is)")  # fmt: skip
+        kind = chosen[0]
+    return Pooling(kind, normalize="Normalize" in kinds)  # type: ignore[arg-type]
+
+
+def checkpoint_pooling(kind: str, path: Path, config_dir: Path | None, gguf_pooling_type: int | None = None) -> Pooling:
+    """The pooling of a resolved checkpoint (`ResolvedModel.kind`, `.path`, `.config_dir`)."""
+    folder = path if kind == "hf" else config_dir
+    declared = sentence_transformers_pooling(folder) if folder is not None else None
+    if declared is not None:
+        return declared
+    if gguf_pooling_type in _GGUF_TYPES:
+        return Pooling(_GGUF_TYPES[gguf_pooling_type], normalize=True)  # type: ignore[arg-type]
+    return Pooling()
