@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from maxjax import __version__
-from maxjax.benchmark import benchmark
+from maxjax.bench.command import benchmark
 from maxjax.errors import UserError
 from maxjax.serve.reasoning import REASONING_PARSERS
 from maxjax.serve.tool_parsers import TOOL_PARSERS
