@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.test-installed
 
-.PHONY: serve test lint fetch bench clean
+.PHONY: serve test lint fetch browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ lint: $(TEST_INSTALLED)
 	$(BIN)/ruff check maxjax tests scripts
 	$(BIN)/mypy maxjax
 
-test: $(TEST_INSTALLED) fetch lint
+# Debian's chromium, for the chat page's browser test (tests/test_web_ui.py): Playwright drives this one and never
+# downloads a browser of its own.
+browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+test: $(TEST_INSTALLED) fetch lint browser
 	$(BIN)/python -m pytest -q
 
 bench: fetch

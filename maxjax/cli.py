@@ -174,6 +174,10 @@ main.add_command(benchmark)
               help="How the model writes tool calls [default: detected from the chat template, else hermes].")
 @click.option("--reasoning-parser", default=None, type=click.Choice(sorted(REASONING_PARSERS)),
               help="Split the model's <think> reasoning into reasoning_content [default: none].")
+@click.option("--task", default=None, type=click.Choice(["generate", "embed"]),
+              help="embed: also serve /v1/embeddings [default: embed for checkpoints that declare a pooling].")
+@click.option("--web-ui/--no-web-ui", default=True, show_default=True,
+              help="Serve a chat page at / (no API key needed to load it; it asks for the key on 401).")
 def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
           custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
@@ -181,7 +185,7 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
           prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
           no_compile_cache: bool, max_queue_size: int,
           chat_template: str | None, api_key: str | None, shutdown_timeout: float, tool_call_parser: str | None,
-          reasoning_parser: str | None) -> None:
+          reasoning_parser: str | None, task: str | None, web_ui: bool) -> None:
     """Serve a model behind an OpenAI-compatible API."""
     from maxjax.config import PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
@@ -193,7 +197,8 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
                               no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                                 max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout,
-                                tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser),
+                                tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                                task=task, web_ui=web_ui),
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -31,6 +31,12 @@ class ServerConfig:
     template and vocabulary, else `hermes`."""
     reasoning_parser: str | None = None
     """Splits `<think>` reasoning into `reasoning_content` (`qwen3`, `deepseek_r1`); None: no splitting."""
+    task: str | None = None
+    """`embed`: serve /v1/embeddings too (pooled hidden states); `generate`: text only; None: `embed` when the
+    checkpoint declares its pooling (sentence-transformers modules, GGUF pooling_type), else `generate`."""
+    web_ui: bool = True
+    """Serve the chat page at `/` (its files under `/static/`, without the API key: the page holds no secret and
+    sends the key on its /v1 calls); off, `/` is a 404 like any unknown route."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shutdown_timeout < float("inf"):

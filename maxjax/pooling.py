@@ -41,12 +41,23 @@ def sentence_transformers_pooling(model_dir: Path) -> Pooling | None:
     return Pooling(kind, normalize="Normalize" in kinds)  # type: ignore[arg-type]
 
 
-def checkpoint_pooling(kind: str, path: Path, config_dir: Path | None, gguf_pooling_type: int | None = None) -> Pooling:
-    """The pooling of a resolved checkpoint (`ResolvedModel.kind`, `.path`, `.config_dir`)."""
+def declared_pooling(kind: str, path: Path, config_dir: Path | None) -> Pooling | None:
+    """The pooling a resolved checkpoint (`ResolvedModel.kind`, `.path`, `.config_dir`) declares: its
+    sentence-transformers modules, else a GGUF file's `<arch>.pooling_type`; None when it declares none (an
+    embedding model, then, only by `--task embed`)."""
     folder = path if kind == "hf" else config_dir
     declared = sentence_transformers_pooling(folder) if folder is not None else None
-    if declared is not None:
-        return declared
-    if gguf_pooling_type in _GGUF_TYPES:
-        return Pooling(_GGUF_TYPES[gguf_pooling_type], normalize=True)  # type: ignore[arg-type]
-    return Pooling()
+    if declared is None and kind == "gguf":
+        from maxjax.weights.gguf import read_metadata
+
+        metadata = read_metadata(path)
+        arch = metadata.get("general.architecture")
+        code = metadata.get(f"{arch}.pooling_type")
+        if code in _GGUF_TYPES:
+            declared = Pooling(_GGUF_TYPES[code], normalize=True)  # type: ignore[arg-type]
+    return declared
+
+
+def checkpoint_pooling(kind: str, path: Path, config_dir: Path | None) -> Pooling:
+    """The pooling of a resolved checkpoint: what it declares, else the last token, normalized."""
+    return declared_pooling(kind, path, config_dir) or Pooling()

@@ -125,7 +125,7 @@ def real_server_args(smollm2_gguf: Path, compile_cache: Path) -> list[str]:
     `max serve` with these flags and this compile cache loads its executables instead of compiling them."""
     return ["--model", str(smollm2_gguf), "--max-batch-size", "8", "--max-length", "512",
             "--prefill-chunk-size", "32", "--kv-cache-pages", "200", "--api-key", API_KEY,
-            "--served-model-name", "smollm2", "--compile-cache-dir", str(compile_cache)]
+            "--served-model-name", "smollm2", "--compile-cache-dir", str(compile_cache), "--task", "embed"]
 
 
 @dataclass

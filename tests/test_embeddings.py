@@ -21,9 +21,11 @@ from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.hub import resolve_model
 from maxjax.pipeline import load_model
 from maxjax.pooling import checkpoint_pooling
+from maxjax.serve.app import ServingState
 from maxjax.serve.engine_core import EngineCore
+from maxjax.serve.fake_engine import FakeEngine
 from maxjax.serve.protocol import GenerationRequest, Pooling, SamplingParams
-from tests.serve_helpers import API_KEY, RealServer
+from tests.serve_helpers import API_KEY, WORDS, RealServer, load_tokenizer, running_server
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = json.loads((FIXTURES / "embeddings_reference.json").read_text())
@@ -150,3 +152,13 @@ def test_embeddings_beside_chat_streams_leave_the_chat_unchanged(server: RealSer
     assert widths == [576] * 32
     assert texts == [alone] * 3 and alone
     assert server.metric("maxjax_kv_pages_in_use") == 0
+
+
+def test_a_generation_server_refuses_embeddings_until_asked(smollm2_gguf: Path) -> None:
+    """Without `--task embed` (and a checkpoint that declares no pooling) the route says how to turn it on."""
+    tok = load_tokenizer(smollm2_gguf)
+    state = ServingState(model_name="m")
+    state.set_ready(FakeEngine(tok.encode(WORDS), eos_token_id=min(tok.eos_token_ids)), tok)
+    with running_server(state) as srv:
+        response = httpx.post(srv.base_url + "/embeddings", json={"input": "hi"})
+        assert response.status_code == 400 and "--task embed" in response.json()["error"]["message"]

@@ -1,4 +1,5 @@
-"""The Quart app: OpenAI-compatible routes over an `Engine`, plus health, version and metrics.
+"""The Quart app: OpenAI-compatible routes over an `Engine`, plus health, version, metrics and the chat page
+(`/`, serve/web; open like /health: only `/v1/...`, `/tokenize` and `/detokenize` take the API key).
 
 The path of a request:
 
@@ -71,6 +72,7 @@ from maxjax.serve.schemas import ModelCard
 from maxjax.serve.text import TextTokenizer
 from maxjax.serve.tokenize import detokenize, tokenize
 from maxjax.serve.tool_use import ChatFeatures
+from maxjax.serve.web import add_routes as add_web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class ServingState:
     ready: bool = False
     draining: bool = False
     """Set on SIGTERM / Ctrl-C (`server.py`): /v1 and /health answer 503 while open requests finish."""
+    serves_embeddings: bool = False
+    """`/v1/embeddings` is served (`--task embed`, or a checkpoint that declares its pooling)."""
     on_fatal: Callable[[str], None] | None = None
     """Set by `server.serve`: stops the server, which then exits non-zero."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -203,6 +207,9 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
         engine, tokenizer = serving()
+        if not state.serves_embeddings:
+            raise ApiError(f"This server runs {state.model_name} for text generation; start it with --task embed "
+                           "to serve embeddings from it too.", param="model")
         body = await _read_json()
         return await create_embeddings(
             body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived()
@@ -280,6 +287,8 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         body, content_type = state.metrics.render()
         return Response(body, content_type=content_type)
 
+    if config.web_ui:
+        add_web_routes(app)  # `/` and `/static/...`, outside the API key (serve/web)
     return app
 
 

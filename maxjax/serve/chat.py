@@ -48,7 +48,7 @@ from maxjax.serve.errors import ApiError
 from maxjax.serve.grammar import GrammarError
 from maxjax.serve.metrics import Metrics
 from maxjax.serve.protocol import Engine, GenerationRequest, SamplingParams, TokenLogprob
-from maxjax.serve.schemas import ChatCompletionRequest, parse_request
+from maxjax.serve.schemas import ChatCompletionRequest, ChatTokenLogprob, parse_request
 from maxjax.serve.text import ChoiceText, TextTokenizer, chat_logprobs
 from maxjax.serve.tool_use import ChatFeatures, ToolPlan
 
@@ -157,7 +157,7 @@ async def _collect(
             {
                 "index": i,
                 "message": message,
-                "logprobs": None if top_n is None else {"content": chat_logprobs(tokenizer, entries[i], top_n)},
+                "logprobs": None if top_n is None else _logprobs(chat_logprobs(tokenizer, entries[i], top_n)),
                 "finish_reason": reason,
             }
             for i, (message, reason) in enumerate(answers)
@@ -203,13 +203,18 @@ async def _stream(
                 if delta or piece.logprobs or finish_reason is not None:
                     logprobs = None
                     if top_n is not None and piece.logprobs:
-                        logprobs = {"content": chat_logprobs(tokenizer, piece.logprobs, top_n)}
+                        logprobs = _logprobs(chat_logprobs(tokenizer, piece.logprobs, top_n))
                     yield chunk(update.index, delta, logprobs, finish_reason)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, runner.completion_tokens)})
         yield SSE_DONE
     except Exception as exc:
         yield stream_error(exc)
+
+
+def _logprobs(content: list[ChatTokenLogprob]) -> dict[str, Any]:
+    """A choice's `logprobs`: OpenAI's schema requires `refusal` beside `content` (null: we never refuse)."""
+    return {"content": content, "refusal": None}
 
 
 def _joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:

@@ -112,6 +112,8 @@ class EngineCore:
         """Where the last step's time went (the server's metrics add these up)."""
         self.pooling = Pooling()
         """How embedding requests of this model are pooled by default (the checkpoint's declaration)."""
+        self.declares_pooling = False
+        """The checkpoint declared `pooling` (it is an embedding model)."""
         self._rows = _RowTable(scheduler.max_batch_size + 1, self.grid.max_pages)
         self._in_flight: _Launched | None = None
 

@@ -73,6 +73,8 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         parts.done("decode first runs")
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
+        state.serves_embeddings = config.server.task == "embed" or (
+            config.server.task is None and core.declares_pooling)
         state.set_ready(engine, checkpoint.tokenizer)
         log.info("ready %.1f s after start: %s", time.perf_counter() - started, parts)
 
@@ -109,8 +111,9 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineCon
     every bucket of the grid (or those `shapes(grid)` names). `max serve`, `max warm-cache` and `max generate` all come here."""
     from maxjax.graph.compile_cache import open_store
     from maxjax.pipeline import build_model
-    from maxjax.pooling import checkpoint_pooling
+    from maxjax.pooling import declared_pooling
     from maxjax.serve.engine_core import EngineCore
+    from maxjax.serve.protocol import Pooling
 
     store = open_store(config.compile_cache, device)  # before anything compiles
     loaded = build_model(checkpoint, platform=device.platform)
@@ -123,7 +126,9 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineCon
     if parts is not None:
         parts.done("weights placed, KV pool reserved")
     resolved = checkpoint.resolved
-    core.pooling = checkpoint_pooling(resolved.kind, resolved.path, resolved.config_dir)
+    declared = declared_pooling(resolved.kind, resolved.path, resolved.config_dir)
+    core.pooling = declared or Pooling()
+    core.declares_pooling = declared is not None
     todo = shapes(core.grid) if shapes is not None else core.grid.all_shapes()
     report = core.runner.warm_up(todo, progress=_progress(len(todo)), store=store)
     _log_warm_up(report)

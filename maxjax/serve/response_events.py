@@ -34,7 +34,7 @@ def message_item(text: str, *, status: str = "completed") -> Item:
 
 
 def text_part(text: str) -> Item:
-    return {"type": "output_text", "text": text, "annotations": []}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def reasoning_item(text: str, *, status: str = "completed") -> Item:
@@ -109,7 +109,8 @@ class ResponseEvents:
         where = {"item_id": item["id"], "output_index": self.items.index(item)}
         out = []
         if item["type"] == "function_call":
-            out.append(self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]))
+            out.append(self.event("response.function_call_arguments.done", **where, name=item["name"],
+                                  arguments=item["arguments"]))  # fmt: skip
             item["status"] = "completed"  # a call the parser read whole
         else:
             part = item["content"][0]

@@ -188,11 +188,15 @@ class _Draft:
 
     def body(self, status: str, output: list[Item], *, output_tokens: int = 0, error: dict[str, Any] | None = None,
              incomplete: bool = False) -> dict[str, Any]:
-        """The `response` object; `usage` only once it is over."""
+        """The `response` object; `usage` only once it is over, and `user` only when the request gave one (OpenAI's
+        schema has neither as nullable)."""
         r = self.request
         done = status in ("completed", "incomplete")
         text_format = r.text.format.model_dump(by_alias=True, exclude_none=True) if r.text and r.text.format else None
-        return {
+        # A tool as it was applied: `parameters` and `strict` are required (nullable); not strict unless asked.
+        tools = [{**tool.model_dump(exclude_none=True), "parameters": tool.parameters, "strict": bool(tool.strict)}
+                 for tool in r.tools or ()]  # fmt: skip
+        body: dict[str, Any] = {
             "id": self.response_id, "object": "response", "created_at": self.created_at, "status": status,
             "completed_at": int(time.time()) if done else None, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
@@ -203,11 +207,14 @@ class _Draft:
             "top_p": 1.0 if r.top_p is None else r.top_p,
             "text": {"format": text_format or {"type": "text"}},
             "tool_choice": r.tool_choice if r.tool_choice is not None else ("auto" if r.tools else "none"),
-            "tools": [tool.model_dump(exclude_none=True) for tool in r.tools or ()],
-            "truncation": r.truncation or "disabled", "metadata": r.metadata or {}, "user": r.user,
+            "tools": tools, "truncation": r.truncation or "disabled", "metadata": r.metadata or {},
             "background": False, "reasoning": None,
-            "usage": self._usage(output, output_tokens) if done else None,
         }  # fmt: skip
+        if r.user is not None:
+            body["user"] = r.user
+        if done:
+            body["usage"] = self._usage(output, output_tokens)
+        return body
 
     def _usage(self, output: list[Item], output_tokens: int) -> dict[str, Any]:
         thinking = reasoning_of(output)
