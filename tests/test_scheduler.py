@@ -98,7 +98,7 @@ def test_a_long_chunk_and_a_prompt_logprobs_request_prefill_alone() -> None:
     s.add(seq("long", 80, 4))
     s.add(seq("short", 10, 4))
     logprobs = seq("logprobs", 10, 4)
-    logprobs.reuse_prefix = False
+    logprobs.reuse_prefix, logprobs.prefilled_alone = False, True  # as prompt_logprobs sets them
     s.add(logprobs)
     s.add(seq("last", 10, 4))
     steps = []
