@@ -45,7 +45,9 @@ def model_options(f: Any) -> Any:
         click.option("--revision", default=None, help="Revision (branch, tag, commit) of an HF id."),
         click.option("--quantization-encoding", default=None,
                      help="Which GGUF encoding to use, or a float type to dequantize to (float32, bfloat16, ...)."),
-        click.option("--devices", default=None, help="cpu, gpu, gpu:0 or tpu [default: JAX's default backend]."),
+        click.option("--devices", default=None,
+                     help="cpu, gpu, gpu:0 or tpu; several (gpu:0,1 or cpu:0,1) shard the model over them (tensor "
+                          "parallel) [default: JAX's default backend]."),
     ]):
         f = option(f)
     return f

@@ -1,4 +1,5 @@
-"""`--devices`: `cpu`, `gpu`, `gpu:0`, `gpu:0,1`, `tpu` -> JAX devices."""
+"""`--devices`: `cpu`, `gpu`, `gpu:0`, `gpu:0,1`, `cpu:0,1`, `tpu` -> JAX devices (several: tensor parallel over
+them, `graph/mesh.py`)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ class DeviceSpec:
         by_id = {d.id: d for d in devices}
         missing = [i for i in self.ids if i not in by_id]
         if missing:
-            raise UserError(f"--devices: no {self.platform} device {missing[0]}; this machine has ids {sorted(by_id)}")
-        if len(self.ids) > 1:
-            raise UserError("--devices: serving on several devices is not supported yet: name one, as in gpu:0")
+            hint = (" (several CPU devices need XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+                    if self.platform == "cpu" else "")
+            raise UserError(f"--devices: no {self.platform} device {missing[0]}; this machine has ids "
+                            f"{sorted(by_id)}{hint}")
+        if len(set(self.ids)) != len(self.ids):
+            raise UserError(f"--devices: device ids {list(self.ids)} repeat one: name each once, as in gpu:0,1")
         return [by_id[i] for i in self.ids]

@@ -41,7 +41,7 @@ def generate(
     from maxjax.serve.launch import build_engine
     from maxjax.serve.protocol import RequestRejected
 
-    device = spec.select()[0]
+    selected = spec.select()
     tok = checkpoint.tokenizer
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -65,7 +65,7 @@ def generate(
             shapes.add((1, grid.prefill_chunk, grid.max_pages))
         return sorted(shapes)
 
-    core, _ = build_engine(checkpoint, device, config, shapes=used)
+    core, _ = build_engine(checkpoint, selected, config, shapes=used)
     try:
         core.add(GenerationRequest("generate", tuple(prompt_ids), params))
     except RequestRejected as e:

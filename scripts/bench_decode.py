@@ -50,8 +50,9 @@ def machine_rates() -> tuple[float, float]:
     return 2**30 / read_s / 1e9, 2 * 4096**3 / mm_s / 1e9
 
 
-def decode_inputs(rows: int, bucket: int, context: int, page_size: int, table_width: int) -> StepInputs:
-    inputs = batch.padding(bucket, 1, table_width, vocab_size=1 << 30)
+def decode_inputs(rows: int, bucket: int, context: int, page_size: int, table_width: int,
+                  vocab_size: int) -> StepInputs:
+    inputs = batch.padding(bucket, 1, table_width, vocab_size=vocab_size)
     pages_per_row = -(-(context + 1) // page_size)
     for r in range(rows):
         pages = 1 + r * pages_per_row + np.arange(pages_per_row)
@@ -97,7 +98,7 @@ def main() -> None:
     for rows in args.batch:
         bucket = grid.batch_bucket(rows)
         pages = grid.max_pages
-        inputs = decode_inputs(rows, bucket, args.context, args.page_size, pages)
+        inputs = decode_inputs(rows, bucket, args.context, args.page_size, pages, runner.vocab_size)
         start = time.perf_counter()
         runner.compile((bucket, 1, pages))
         compile_s = time.perf_counter() - start

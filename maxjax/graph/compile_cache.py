@@ -38,7 +38,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -87,8 +87,10 @@ def configure_jax_cache(directory: Path | None, platform: str = "cpu") -> None:
         jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 
 
-def open_store(config: CompileCacheConfig, device: jax.Device) -> ExecutableStore | None:
-    """Set up both layers as `config` says, for executables that run on `device`; None when the cache is off.
+def open_store(config: CompileCacheConfig, device: jax.Device,
+               devices: Sequence[jax.Device] | None = None) -> ExecutableStore | None:
+    """Set up both layers as `config` says, for executables that run on `device` (or on the mesh of `devices`,
+    `device` the first); None when the cache is off.
 
     Call before anything is compiled in the process. A default directory that cannot be created turns the cache
     off with a warning (a start never fails for want of a cache); a directory named on the command line that
@@ -99,7 +101,7 @@ def open_store(config: CompileCacheConfig, device: jax.Device) -> ExecutableStor
         return None
     directory = config.directory or default_dir()
     try:
-        store = ExecutableStore(directory, device)
+        store = ExecutableStore(directory, device, devices)
     except OSError as e:
         if config.directory is not None:
             raise UserError(f"--compile-cache-dir {directory}: {e.strerror or e}") from None
@@ -134,9 +136,11 @@ class ExecutableStore:
     is a miss, a damaged one is logged, deleted and a miss.
     """
 
-    def __init__(self, directory: Path, device: jax.Device):
+    def __init__(self, directory: Path, device: jax.Device, devices: Sequence[jax.Device] | None = None):
         self.directory = directory / "executables"
         self.device = device
+        self.devices = list(devices or [device])
+        """What the executables run on: the mesh's devices, in its order."""
         self.directory.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------- keys
@@ -212,7 +216,7 @@ class ExecutableStore:
         try:
             serialized, in_tree, out_tree = pickle.loads(payload)
             compiled = deserialize_and_load(serialized, in_tree, out_tree, backend=self.device.client,
-                                            execution_devices=[self.device])
+                                            execution_devices=self.devices)
         except Exception as e:  # any failure to load is a miss: the caller compiles instead
             self._discard(self.path(key), e)
             return None

@@ -6,8 +6,9 @@ its `nnx.Param` holds them as `out_sharding` metadata, in the shape of its layou
 [ceil(out / P), in, P] splits on its panels). `RULES` maps those names onto the mesh: tensor parallel, so query
 heads, KV heads and MLP columns go to "model" and everything else is replicated. The runner derives each array's
 `NamedSharding` from the two (`sharding`), jits the step with them as its input and output shardings, and
-creates the KV pool with its own. Today the mesh is one device ((1, 1)); several devices add a larger mesh and,
-where a model needs them, rules, nothing else. The step's batch arrays are replicated.
+creates the KV pool with its own. By default the mesh is one device ((1, 1)); `--devices cpu:0,1` or `gpu:0,1,2,3`
+puts every device on "model" (`make_mesh`), and `rules_for` adapts the rules to the model: KV heads that do not
+split evenly over the devices are replicated. The step's batch arrays are replicated.
 
 The fused projections are laid out so that an even split of their output axis keeps whole heads and matching
 MLP columns together (`models/layers.fuse_qkv`, `fuse_gate_up`).
@@ -15,6 +16,7 @@ MLP columns together (`models/layers.fuse_qkv`, `fuse_gate_up`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "model")
 """The mesh's axes: "data" (batch rows; unused while the batch is replicated) and "model" (tensor parallel)."""
@@ -42,6 +46,21 @@ RULES: Rules = (
 """Logical axis name -> mesh axis (None: replicated). A name not listed here is replicated too."""
 
 LogicalAxes = tuple[str | None, ...]
+
+
+def rules_for(mesh: Mesh, num_kv_heads: int, rules: Rules = RULES) -> Rules:
+    """`rules` for a model with `num_kv_heads` KV heads on `mesh`. Where they do not split evenly over the "model"
+    axis (fewer KV heads than devices, or not a multiple of them), "kv_heads" is replicated: every device
+    projects Q/K/V, attends over all heads and holds the whole KV pool; the output projection and the MLP still
+    split (a device takes its slice of the replicated attention output)."""
+    table = dict(rules)
+    mesh_axis = table.get("kv_heads")
+    if mesh_axis is None or num_kv_heads % mesh.shape[mesh_axis] == 0:
+        return rules
+    log.info("tensor parallel over %d devices: the model's %d KV heads do not split evenly over them, so Q/K/V, "
+             "attention and the KV pool are replicated on every device; the output projection and the MLP split",
+             mesh.shape[mesh_axis], num_kv_heads)
+    return tuple((name, None if name == "kv_heads" else axis) for name, axis in rules)
 
 
 def make_mesh(devices: Sequence[jax.Device], shape: tuple[int, int] | None = None) -> Mesh:

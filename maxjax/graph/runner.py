@@ -8,9 +8,11 @@ jitted core receives, as an argument (closing over the weights as constants trip
 the NNX state on every call costs ~2 ms a step). The KV pools are donated to
 every step, so XLA updates them in place.
 
-Every array lives on a device mesh (`graph/mesh.py`; one device today): the weights and the KV pool with the
-sharding their logical axis names give under `mesh.RULES`, the batch replicated. The step and score graphs are
-jitted with those as their input and output shardings, so more devices change the mesh, not this code.
+Every array lives on a device mesh (`graph/mesh.py`; one device unless `--devices` names several): the weights
+and the KV pool with the sharding their logical axis names give under `mesh.rules_for` the model, the batch
+replicated. The step and score graphs are jitted with those as their input and output shardings: one SPMD
+program for all the devices, which XLA partitions (the CPU kernels, which it cannot, run per shard:
+`Backend.shards`).
 
 (A few lines past the package's usual 400: the graph kinds, the cache key and the executables they share are
 one mechanism, kept in one file.)
@@ -18,6 +20,7 @@ one mechanism, kept in one file.)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -44,7 +47,7 @@ from maxjax.graph.sampling import (
     adjust_logits,
     sample,
 )
-from maxjax.models.backend import Backend, backend_for
+from maxjax.models.backend import Backend, Shards, backend_for
 from maxjax.models.layers import KV_AXES, KVCache, use_backend, write_kv
 
 log = logging.getLogger(__name__)
@@ -70,20 +73,27 @@ class CacheSpec:
         return ((self.num_layers, self.num_pages, self.num_kv_heads, self.head_dim, self.page_size),
                 (self.num_layers, self.num_pages, self.num_kv_heads, self.page_size, self.head_dim))
 
-    def shardings(self, mesh: jax.sharding.Mesh) -> KVCache:
+    def shardings(self, mesh: jax.sharding.Mesh, rules: meshes.Rules = meshes.RULES) -> KVCache:
         """The pools' shardings on `mesh`: split by KV head where the rules put "kv_heads" (`layers.KV_AXES`)."""
-        return KVCache(*(meshes.sharding(axes, shape, mesh, what=f"the KV pool's {name}")  # type: ignore[arg-type]
+        return KVCache(*(meshes.sharding(axes, shape, mesh, rules, what=f"the KV pool's {name}")  # type: ignore[arg-type]
                          for name, axes, shape in zip("kv", KV_AXES, self.shapes, strict=True)))
 
-    def allocate(self, mesh: jax.sharding.Mesh | None = None, *, reserve: bool = False) -> KVCache:
+    def allocate(self, mesh: jax.sharding.Mesh | None = None, rules: meshes.Rules = meshes.RULES, *,
+                 reserve: bool = False) -> KVCache:
         """The K and V pools, placed on `mesh` (default: the first device) and zero-filled; with `reserve` (the CPU
         kernels loaded: `kernels.reserve`), allocated but not written, so the memory becomes resident only as
-        steps write pages."""
-        shape_k, shape_v = self.shapes
+        steps write pages (on several devices, each reserves its own shard: XLA cannot partition the call)."""
         fill = kernels.reserve if reserve else jnp.zeros
         mesh = mesh or meshes.make_mesh(jax.devices()[:1])
-        return jax.jit(lambda: KVCache(fill(shape_k, self.dtype), fill(shape_v, self.dtype)),
-                       out_shardings=self.shardings(mesh))()
+        shardings = self.shardings(mesh, rules)
+        if mesh.size == 1 or not reserve:
+            return jax.jit(lambda: KVCache(*(fill(shape, self.dtype) for shape in self.shapes)),
+                           out_shardings=shardings)()
+        placed: list[Any] = list(shardings)  # NamedShardings, in KVCache's fields
+        local = [s.shard_shape(shape) for s, shape in zip(placed, self.shapes, strict=True)]
+        per_shard = jax.shard_map(lambda: KVCache(*(fill(shape, self.dtype) for shape in local)), mesh=mesh,
+                                  in_specs=(), out_specs=KVCache(*(s.spec for s in placed)))
+        return jax.jit(per_shard, out_shardings=shardings)()
 
 
 def _step(
@@ -217,7 +227,8 @@ class ModelRunner:
     The model is put on `backend` (default: `backend_for` the device and the pool's dtype) in place before it is
     split: its weight layouts and attention are then part of the graph definition every executable is traced
     from and keyed by. Its weights and the pool are placed on `mesh` (default: a one-device mesh of `device`, or
-    of the first device) as their logical axes say (`graph/mesh.py`).
+    of the first device) as their logical axes say under `mesh.rules_for` the model (`graph/mesh.py`); on a mesh
+    of several devices the backend carries it (`Backend.shards`), so the CPU kernels run per shard.
     """
 
     def __init__(self, model: nnx.Module, cache_spec: CacheSpec, grid: BucketGrid, device: jax.Device | None = None,
@@ -226,25 +237,32 @@ class ModelRunner:
         self.device = self.mesh.devices.flat[0]
         self.grid = grid
         self.cache_spec = cache_spec
-        self.backend = backend or backend_for(self.device.platform, cache_spec.dtype)
+        self.rules = meshes.rules_for(self.mesh, cache_spec.num_kv_heads)
+        backend = backend or backend_for(self.device.platform, cache_spec.dtype)
+        if self.mesh.size > 1:
+            backend = dataclasses.replace(backend, shards=Shards(self.mesh.abstract_mesh, self.rules))
+            log.info("tensor parallel over %d %s devices (%s): heads%s and MLP columns split", self.mesh.size,
+                     self.device.platform, ", ".join(str(d.id) for d in self.mesh.devices.flat),
+                     ", KV heads" if dict(self.rules).get("kv_heads") else "")
+        self.backend = backend
         use_backend(model, self.backend)
         log.debug("model on %s, mesh %s", self.backend, dict(self.mesh.shape))
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         leaves, self._treedef = jax.tree.flatten(state)
-        self._param_shardings = meshes.param_shardings(state, self.mesh)
+        self._param_shardings = meshes.param_shardings(state, self.mesh, self.rules)
         self._params: list[jax.Array] = jax.device_put(leaves, self._param_shardings)
         self.state = jax.tree.unflatten(self._treedef, self._params)
         # Where attention reads the pool through the CPU kernel (which never reads past a row's cached length),
         # the pool is only reserved: it costs nothing at start and becomes resident as it is written. Otherwise
         # it is zeroed on a thread of its own (on CPU, seconds per GiB of first-touch page faults), which
         # warm-up overlaps; `cache` waits for it.
-        cache_shardings = cache_spec.shardings(self.mesh)
+        cache_shardings = cache_spec.shardings(self.mesh, self.rules)
         self._cache_avals = KVCache(*(jax.ShapeDtypeStruct(shape, cache_spec.dtype, sharding=sharding)  # type: ignore[arg-type]
                                       for shape, sharding in zip(cache_spec.shapes, cache_shardings, strict=True)))
         self._cache: KVCache | None = None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maxjax-kv")
-        self._allocation = pool.submit(cache_spec.allocate, self.mesh, reserve=self.lazy_pool)
+        self._allocation = pool.submit(cache_spec.allocate, self.mesh, self.rules, reserve=self.lazy_pool)
         pool.shutdown(wait=False)
         self.vocab_size, self.hidden_size = model.embed.vocab_size, model.embed.dim  # type: ignore[attr-defined]
         # Explicit shardings in and out (the batch and the results replicated): the graphs are partitioned for

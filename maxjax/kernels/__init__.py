@@ -1,7 +1,8 @@
 """CPU kernels XLA lacks, as XLA FFI custom calls: `maxjax_project` (project.cc), the projection of a step's
 rows against float32 weights packed into panels, `maxjax_paged_past` (attention.cc), attention over the
-cached past read straight from the paged KV pool, and `maxjax_reserve` (attention.cc), a pool allocated but
-not zero-filled.
+cached past read straight from the paged KV pool, `maxjax_reserve` (attention.cc), a pool allocated but
+not zero-filled, and `maxjax_qproject` (qproject.cc), the projection against GGUF's quantized blocks repacked
+into panels (`kernels.quant`).
 
 The C++ sources are built at first use with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
 headers jaxlib ships, for this CPU (`-march=native`), into the maxjax cache under a name that hashes the source,
@@ -30,11 +31,12 @@ from maxjax.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("project.cc"), Path(__file__).with_name("attention.cc"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("project.cc", "attention.cc", "qproject.cc"))
 HEADERS = (Path(__file__).with_name("parallel.h"),)
 TARGET = "maxjax_project"
 ATTENTION_TARGET = "maxjax_paged_past"
 RESERVE_TARGET = "maxjax_reserve"
+QUANT_TARGET = "maxjax_qproject"
 """The custom-call names the graphs use (registered for the CPU platform)."""
 KEEP_BUILDS = 4
 """Libraries kept in the cache directory, most recently loaded first (one per source, jaxlib and compiler version
@@ -107,6 +109,7 @@ def _build_and_register(directory: Path) -> Kernels:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
         jax.ffi.register_ffi_target(RESERVE_TARGET, jax.ffi.pycapsule(lib.MaxjaxReserve), platform="cpu")
+        jax.ffi.register_ffi_target(QUANT_TARGET, jax.ffi.pycapsule(lib.MaxjaxQProject), platform="cpu")
         _registered = kernels
     elif _registered.digest != digest:  # one name, one handler a process: a second build cannot replace it
         raise _Unavailable(f"another build of {TARGET} and {ATTENTION_TARGET} is already registered")

@@ -10,6 +10,10 @@ structure: of the traced graph, of `nnx.GraphDef` equality (jit's trace cache) a
 A layout owns the weight's form on the device: `shape` (what the module's parameter holds), `pack` (from the
 checkpoint's [out, in] array, on the host), `apply` (x -> x @ w.T in that form), `rows` (an embedding lookup) and
 `axes` (the logical axis names of the stored form, from which `graph/mesh.py` shards it).
+
+On a mesh of several devices XLA partitions its own forms itself, but not a custom call: the backend then
+carries the mesh (`Shards`), and the CPU kernels run under `jax.shard_map`, each device on its shard of the
+heads or columns (`layers.project_per_shard`, `layers.paged_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from maxjax import kernels
 
@@ -116,6 +121,23 @@ CHECKPOINT_LAYOUT = XlaMatmul()
 
 
 @dataclass(frozen=True)
+class Shards:
+    """The mesh of several devices the weights and the KV pool are sharded over, for the kernels that run per
+    shard: its abstract form (axis names and sizes, not which devices: the compile-cache key holds it) and the
+    rules the runner placed the arrays by (`graph/mesh.rules_for`: logical axis name -> mesh axis)."""
+
+    mesh: AbstractMesh
+    rules: tuple[tuple[str, str | None], ...]
+
+    def axis(self, name: str | None) -> str | None:
+        """The mesh axis the logical axis `name` is split over; None: replicated."""
+        return dict(self.rules).get(name) if name is not None else None
+
+    def spec(self, axes: tuple[str | None, ...]) -> PartitionSpec:
+        return PartitionSpec(*(self.axis(name) for name in axes))
+
+
+@dataclass(frozen=True)
 class Backend:
     """What a model is built for: chosen once per device (`backend_for`) and handed to the model."""
 
@@ -125,6 +147,8 @@ class Backend:
     """Attention reads each row's cached past straight from the pool through maxjax's CPU kernel
     (`maxjax_paged_past`, float32 only) instead of XLA's gathered blocks. A pool only that kernel reads may be
     reserved rather than zeroed (`CacheSpec.allocate`)."""
+    shards: Shards | None = None
+    """The mesh, where it has several devices (`ModelRunner` sets it): the CPU kernels then run per shard."""
 
 
 def backend_for(platform: str, dtype: Any) -> Backend:

@@ -111,6 +111,7 @@ class Gemma3DecoderLayer(nnx.Module):
         attn = paged_attention(
             q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer),
             softcap=cfg.attn_logit_softcap, past_kernel=self.backend.past_kernel,
+            shards=self.backend.shards,
         )
         x = x + self.post_attn_norm(self.o(attn.reshape(b, t, h * e)))
         x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))

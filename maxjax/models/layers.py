@@ -12,11 +12,13 @@ out so that an even split of the fused output axis keeps whole heads and matchin
 
 Every weight names its axes (`nnx.Param` metadata `out_sharding`, in the shape of its layout): "vocab", "embed",
 "heads" (query heads x head width), "kv_heads" (the fused Q/K/V output, grouped by KV head), "mlp", "head_dim".
-`graph/mesh.py` maps the names onto the device mesh.
+`graph/mesh.py` maps the names onto the device mesh. On a mesh of several devices the CPU kernels, which XLA
+cannot partition, run per shard (`project_per_shard`, `paged_attention`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -25,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from maxjax import kernels
-from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, WeightLayout
+from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, CpuPanels, Shards, WeightLayout
 from maxjax.models.config import RopeConfig
 
 Axes = tuple[str | None, str | None]
@@ -65,9 +68,15 @@ class Linear(nnx.Module):
         self.d_out = d_out
         self.axes = axes
         self.layout = layout
+        self.shards: Shards | None = None
+        """The mesh of several devices a packed kernel runs on per shard (`use_backend`); None: one device."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.layout.apply(x, self.kernel[...], self.d_out)
+        if self.shards is not None and self.layout.packed:
+            y = project_per_shard(self.layout, self.shards, self.layout.axes(*self.axes), x, self.kernel[...],
+                                  self.d_out)
+        else:
+            y = self.layout.apply(x, self.kernel[...], self.d_out)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -89,6 +98,7 @@ class Embedding(nnx.Module):
         self.vocab_size = vocab_size
         self.dim = dim
         self.layout = layout
+        self.shards: Shards | None = None
 
     AXES: Axes = ("vocab", "embed")
 
@@ -98,6 +108,9 @@ class Embedding(nnx.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., dim] -> [..., vocab]."""
+        if self.shards is not None and self.layout.packed:
+            return project_per_shard(self.layout, self.shards, self.layout.axes(*self.AXES), hidden,
+                                     self.weight[...], self.vocab_size)
         return self.layout.apply(hidden, self.weight[...], self.vocab_size)
 
     def use_layout(self, layout: WeightLayout) -> None:
@@ -117,6 +130,33 @@ def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout, axes: Axes
     return new
 
 
+def project_per_shard(layout: WeightLayout, shards: Shards, axes: tuple[str | None, ...], x: jax.Array, w: jax.Array,
+                      d_out: int) -> jax.Array:
+    """x [..., in] times a packed weight sharded over a mesh (logical `axes`), each device running the kernel on its
+    shard (`jax.shard_map`: XLA cannot partition a custom call). Output columns split (Q/K/V, gate/up): each
+    device computes its own, a whole number of panels, and the shards concatenate into the padded output.
+    Inputs split (the output projection, down): each device multiplies its slice of x, and the partial sums are
+    added across the devices. Neither (a replicated weight: the tied LM head): every device computes it all."""
+    assert isinstance(layout, CpuPanels), f"{layout} has no per-shard projection"
+    out_axis, in_axis = shards.axis(axes[0]), shards.axis(axes[1])
+    assert out_axis is None or in_axis is None, f"a weight split on both axes ({axes}) is not supported"
+    lead = (None,) * (x.ndim - 1)
+    if out_axis is not None:
+        columns = jax.shard_map(lambda x, w: layout.apply(x, w, w.shape[0] * layout.panel), mesh=shards.mesh,
+                                in_specs=(PartitionSpec(), PartitionSpec(out_axis)),
+                                out_specs=PartitionSpec(*lead, out_axis))
+        return columns(x, w)[..., :d_out]
+    if in_axis is not None:
+        partial_sums = jax.shard_map(lambda x, w: jax.lax.psum(layout.apply(x, w, d_out), in_axis),
+                                     mesh=shards.mesh, in_specs=(PartitionSpec(*lead, in_axis),
+                                                                 PartitionSpec(None, in_axis)),
+                                     out_specs=PartitionSpec())
+        return partial_sums(x, w)
+    whole = jax.shard_map(lambda x, w: layout.apply(x, w, d_out), mesh=shards.mesh,
+                          in_specs=(PartitionSpec(), PartitionSpec()), out_specs=PartitionSpec())
+    return whole(x, w)
+
+
 def use_backend(model: nnx.Module, backend: Backend) -> nnx.Module:
     """Put `model`, built in the checkpoint's layout (the constructors' default backend), on `backend` in place:
     every `Linear` and `Embedding` repacks its weight into `backend.weights`, every module holding a `backend`
@@ -124,6 +164,7 @@ def use_backend(model: nnx.Module, backend: Backend) -> nnx.Module:
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear | Embedding):
             node.use_layout(backend.weights)
+            node.shards = backend.shards
         elif isinstance(node, nnx.Module) and isinstance(getattr(node, "backend", None), Backend):
             node.backend = backend  # type: ignore[attr-defined]
     return model
@@ -283,11 +324,13 @@ costs microseconds of loop overhead, which long contexts can afford.
 def paged_attention(
     q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, layer: int, batch: AttentionBatch, *,
     scale: float, sliding_window: int | None = None, softcap: float | None = None, past_kernel: bool = False,
+    shards: Shards | None = None,
 ) -> jax.Array:
     """Attention of the new tokens over each row's cached past plus the new tokens themselves (causally).
 
     q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E]. With `past_kernel`
-    (`Backend.past_kernel`: float32 on CPU with maxjax's kernels) the past is read through `kernels.paged_past`.
+    (`Backend.past_kernel`: float32 on CPU with maxjax's kernels) the past is read through `kernels.paged_past`;
+    on a mesh of several devices (`shards`), per shard: each device over its KV heads and its part of the pool.
 
     The cache is only read here: new keys and values are written for all layers at once after the step, so
     the pool is never copied. The past is visited `BLOCK_TOKENS` at a time, as many blocks as the
@@ -322,9 +365,15 @@ def paged_attention(
 
     if batch.page_table.shape[1] and past_kernel:
         assert cache.k.dtype == qg.dtype == jnp.float32, f"the CPU attention kernel reads float32, not {cache.k.dtype}"
-        run_max, run_sum, out = kernels.paged_past(
+        past = functools.partial(kernels.paged_past, layer=layer, window=sliding_window, softcap=softcap)
+        if shards is not None:
+            heads = PartitionSpec(None, shards.axis("kv_heads"))  # q and the running sums [B, K, ...]
+            pool, whole = PartitionSpec(None, None, shards.axis("kv_heads")), PartitionSpec()
+            past = jax.shard_map(past, mesh=shards.mesh, in_specs=(heads, pool, pool, whole, whole, whole, heads,
+                                                                   heads, heads), out_specs=(heads, heads, heads))
+        run_max, run_sum, out = past(
             qg, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32),
-            run_max[..., 0], run_sum[..., 0], out, layer=layer, window=sliding_window, softcap=softcap,
+            run_max[..., 0], run_sum[..., 0], out,
         )
         run_max, run_sum = run_max[..., None], run_sum[..., None]
     elif batch.page_table.shape[1]:

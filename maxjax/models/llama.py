@@ -65,7 +65,7 @@ class LlamaDecoderLayer(nnx.Module):
         kk = apply_rope(kk, batch.cos, batch.sin)  # [B, T, K, E]
         attn = paged_attention(
             q, kk, v, cache, layer, batch, scale=cfg.attention_scale, sliding_window=cfg.layer_window(layer),
-            past_kernel=self.backend.past_kernel,
+            past_kernel=self.backend.past_kernel, shards=self.backend.shards,
         )
         x = x + self.o(attn.reshape(b, t, h * e))
         x = x + self.mlp(self.post_norm(x))

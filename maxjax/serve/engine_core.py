@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -23,6 +24,7 @@ from maxjax.graph import batch
 from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.memory import plan_pool
+from maxjax.graph.mesh import make_mesh
 from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores
 from maxjax.graph.sampling import (
     ADJUST_SLOTS,
@@ -119,10 +121,13 @@ class EngineCore:
 
     @classmethod
     def create(
-        cls, loaded: LoadedModel, device: jax.Device, scheduler: SchedulerConfig, kv: KVCacheConfig,
-        *, max_queue: int = 1 << 30,
+        cls, loaded: LoadedModel, device: jax.Device | Sequence[jax.Device], scheduler: SchedulerConfig,
+        kv: KVCacheConfig, *, max_queue: int = 1 << 30,
     ) -> EngineCore:
-        """Place the weights, size the KV pool from what is left, and set up the bucket grid."""
+        """Place the weights (on several devices: tensor parallel over them), size the KV pool from what is left
+        (planned for the first device as if it held everything), and set up the bucket grid."""
+        devices = [device] if isinstance(device, jax.Device) else list(device)
+        device = devices[0]
         cfg = loaded.config
         max_length = min(scheduler.max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         spec = CacheSpec(cfg.num_layers, 2, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
@@ -136,7 +141,7 @@ class EngineCore:
         spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         grid = BucketGrid.for_limits(max_batch_size=scheduler.max_batch_size, max_length=max_length,
                                      prefill_chunk_size=scheduler.prefill_chunk_size, page_size=kv.page_size)
-        runner = ModelRunner(loaded.model, spec, grid, device)
+        runner = ModelRunner(loaded.model, spec, grid, mesh=make_mesh(devices))
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB%s; %s); weights %.0f MiB",
             num_pages - 1, kv.page_size, (num_pages - 1) * kv.page_size, num_pages * spec.bytes_per_page / 2**30,

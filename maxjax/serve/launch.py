@@ -54,14 +54,14 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         from maxjax.pipeline import open_checkpoint
         from maxjax.serve.async_engine import AsyncEngine
 
-        device = device_spec.select()[0]
+        devices = device_spec.select()
         parts.done("start-up and imports")
         checkpoint = open_checkpoint(
             resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
         )
         if template is not None:
             checkpoint.tokenizer.set_chat_template(template)
-        core, report = build_engine(checkpoint, device, config, max_queue=config.server.max_queue_size,
+        core, report = build_engine(checkpoint, devices, config, max_queue=config.server.max_queue_size,
                                     parts=parts)
         # Ready means ready: every executable deserialized now (on every core), not under the first requests,
         # and the decode steps, which every request runs, have had their first runs. The KV pool is zeroed by
@@ -94,33 +94,36 @@ def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | Non
     if not config.compile_cache.enabled:
         raise UserError("max warm-cache fills the compile cache: drop --no-compile-cache")
     registry = registry_with(custom_architectures)
-    device = DeviceSpec.parse(devices).select()[0]
+    selected = DeviceSpec.parse(devices).select()
     checkpoint = open_checkpoint(
         resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
     )
-    _, report = build_engine(checkpoint, device, config)
+    _, report = build_engine(checkpoint, selected, config)
     log.info("compile cache: %s", config.compile_cache.directory or default_dir())
     return report
 
 
-def build_engine(checkpoint: Checkpoint, device: jax.Device, config: PipelineConfig, *, max_queue: int = 1 << 30,
+def build_engine(checkpoint: Checkpoint, device: jax.Device | Sequence[jax.Device], config: PipelineConfig, *,
+                 max_queue: int = 1 << 30,
                  shapes: Callable[[BucketGrid], list[tuple[int, int, int]]] | None = None,
                  parts: _Parts | None = None) -> tuple[EngineCore, WarmUp]:
     """The one path from an opened checkpoint to an engine whose executables are ready (compiled, or found in
     the compile cache): build the model for the device, place it, plan the KV pool and the grid, and warm up
-    every bucket of the grid (or those `shapes(grid)` names). `max serve`, `max warm-cache` and `max generate` all come here."""
+    every bucket of the grid (or those `shapes(grid)` names). Several devices: tensor parallel over them.
+    `max serve`, `max warm-cache` and `max generate` all come here."""
     from maxjax.graph.compile_cache import open_store
     from maxjax.pipeline import build_model
     from maxjax.pooling import declared_pooling
     from maxjax.serve.engine_core import EngineCore
     from maxjax.serve.protocol import Pooling
 
-    store = open_store(config.compile_cache, device)  # before anything compiles
-    loaded = build_model(checkpoint, platform=device.platform)
+    devices = [device] if not isinstance(device, Sequence) else list(device)
+    store = open_store(config.compile_cache, devices[0], devices)  # before anything compiles
+    loaded = build_model(checkpoint, platform=devices[0].platform)
     if parts is not None:
         parts.done("weights and tokenizer read")
     try:
-        core = EngineCore.create(loaded, device, config.scheduler, config.kv_cache, max_queue=max_queue)
+        core = EngineCore.create(loaded, devices, config.scheduler, config.kv_cache, max_queue=max_queue)
     except ValueError as e:
         raise UserError(str(e)) from None
     if parts is not None:

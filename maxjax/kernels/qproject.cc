@@ -1,0 +1,268 @@
+// maxjax_qproject: y[r, o] = sum_i x[r, i] * W[o, i] on CPU with W in GGUF's blocks of 32 weights (Q8_0, Q4_0,
+// Q4_1), dequantized in registers; x, y and every sum float32. maxjax/kernels/quant.py repacks the file's blocks.
+//
+// Why: a decode step on CPU is bound by the bytes of weight it reads, and float32 weights are 4 bytes each where
+// the file's blocks are 0.56-1.06. Dequantizing inside the product reads those bytes (plus float32 scales) once.
+//
+// Layout, one uint8 array [panels, in / 32, stride]: for panel p (output columns p * P .. p * P + P - 1, the last
+// zero-padded) and block b (inputs 32 b .. 32 b + 31), `stride` bytes of
+//   codes  [C][P] bytes  Q8_0: C = 32, codes[k][j] = q[p P + j][32 b + k] (int8)
+//                        Q4_*: C = 16, codes[k][j] = GGUF's byte k of the block: low nibble q[.][32 b + k],
+//                              high nibble q[.][32 b + k + 16] (unsigned)
+//   d      [P] float32   the block's scale
+//   m      [P] float32   Q4_1 only: the block's minimum
+// so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1), as ggml decodes them. A block of a panel is one contiguous
+// run (P = 16: 576 / 320 / 384 bytes), read once per call. As in project.cc, each input position's P codes (NV
+// vectors, widened to float in registers) meet x[r, i] broadcast for MR rows into MR x NV register sums, with no
+// horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i,
+// with each row's sum over each block computed once per call.
+//
+// Work is split by panels among the calling thread and XLA's intra-op pool (parallel.h). Written with GCC/Clang
+// vector extensions, with intrinsics only to widen the codes (AVX2, AVX-512, NEON; plain loops on other CPUs, so
+// it compiles wherever project.cc does); the lane and panel widths are project.cc's, so `Kernels.panel` packs for
+// both.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// MR here is smaller than project.cc's: the scales (and minimums) take NV registers each.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kNV = 2, kMR = 8;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kNV = 2, kMR = 4;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4, kNV = 4, kMR = 4;
+#else
+constexpr int kLanes = 4, kNV = 2, kMR = 2;
+#endif
+constexpr int kPanel = kLanes * kNV;
+constexpr int kBlock = 32;
+constexpr int64_t kPrefetchBytes = 2048;
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// ggml's type numbers: the `kind` attribute.
+enum Kind : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+
+template <int64_t K>
+struct Format {
+  static constexpr int kCodeRows = K == kQ8_0 ? kBlock : kBlock / 2;  // rows of P code bytes a block
+  static constexpr int kScales = K == kQ4_1 ? 2 : 1;
+  static constexpr int64_t kStride = kPanel * (kCodeRows + kScales * sizeof(float));
+};
+
+template <class V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// kLanes codes from memory, widened to int32 lanes (GCC scalarizes __builtin_convertvector from bytes, so the
+// vector ISAs get their one-instruction widening).
+inline IVec widen_s8(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (IVec)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (IVec)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+  uint32_t u;
+  std::memcpy(&u, p, sizeof(u));
+  return (IVec)vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(u)))));
+#else
+  IVec out;
+  for (int k = 0; k < kLanes; ++k) out[k] = static_cast<int8_t>(p[k]);
+  return out;
+#endif
+}
+
+inline IVec widen_u8(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (IVec)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (IVec)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+  uint32_t u;
+  std::memcpy(&u, p, sizeof(u));
+  return (IVec)vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(u)))));
+#else
+  IVec out;
+  for (int k = 0; k < kLanes; ++k) out[k] = p[k];
+  return out;
+#endif
+}
+
+inline Vec to_float(IVec q) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_cvtepi32_ps((__m512i)q);
+#elif defined(__AVX2__)
+  return (Vec)_mm256_cvtepi32_ps((__m256i)q);
+#elif defined(__aarch64__)
+  return (Vec)vcvtq_f32_s32((int32x4_t)q);
+#else
+  Vec out;
+  for (int k = 0; k < kLanes; ++k) out[k] = static_cast<float>(q[k]);
+  return out;
+#endif
+}
+
+// y[r, 0:cols) for r < R: R rows of x (stride n_in) times one panel's blocks wp; y's row stride n_out. sx: the
+// rows' sums over each block [R, blocks] (Q4_*: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i, so the
+// codes meet x as small integers and each block's scales are applied once, not per weight).
+template <int64_t K, int R>
+void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t n_in, int64_t n_out, int cols) {
+  using F = Format<K>;
+  // Independent partial sums per accumulator: FMA latency x FMA ports (4 x 2) chains must be in flight.
+  constexpr int S = R * kNV >= 8 ? 1 : 2;
+  const int64_t blocks = n_in / kBlock;
+  Vec acc[R][kNV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kNV; ++v) acc[r][v] = Vec{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = wp + b * F::kStride;
+    const uint8_t* scales = codes + F::kCodeRows * kPanel;
+    for (int64_t line = 0; line < F::kStride; line += 64) __builtin_prefetch(codes + kPrefetchBytes + line, 0, 3);
+    Vec part[S][R][kNV];
+    for (int s = 0; s < S; ++s)
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kNV; ++v) part[s][r][v] = Vec{};
+    const float* xb = x + b * kBlock;
+    for (int k = 0; k < F::kCodeRows; ++k) {
+      const uint8_t* row = codes + k * kPanel;
+      // The codes first, then row by row: one row's broadcasts live at a time (AVX2 has 16 registers).
+      if (K == kQ8_0) {
+        Vec w[kNV];
+        for (int v = 0; v < kNV; ++v) w[v] = to_float(widen_s8(row + v * kLanes));
+        for (int r = 0; r < R; ++r) {
+          const float xs = xb[r * n_in + k];
+          for (int v = 0; v < kNV; ++v) part[k % S][r][v] += w[v] * xs;
+        }
+      } else {
+        Vec lo[kNV], hi[kNV];
+        for (int v = 0; v < kNV; ++v) {
+          const IVec q = widen_u8(row + v * kLanes);
+          lo[v] = to_float(q & 15);
+          hi[v] = to_float(q >> 4);
+        }
+        for (int r = 0; r < R; ++r) {
+          const float x0 = xb[r * n_in + k], x1 = xb[r * n_in + k + 16];
+          for (int v = 0; v < kNV; ++v) {
+            part[0][r][v] += lo[v] * x0;
+            part[S - 1][r][v] += hi[v] * x1;
+          }
+        }
+      }
+    }
+    for (int v = 0; v < kNV; ++v) {
+      const Vec d = load<Vec>(scales + v * sizeof(Vec));
+      Vec m = Vec{};
+      if (K == kQ4_1) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+      if (K == kQ4_0) m = d * -8.0f;
+      for (int r = 0; r < R; ++r) {
+        Vec sum = part[0][r][v];
+        if (S == 2) sum += part[S - 1][r][v];
+        acc[r][v] += sum * d;
+        if (K != kQ8_0) acc[r][v] += m * sx[r * blocks + b];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float full[kPanel];
+    std::memcpy(full, acc[r], sizeof(full));
+    std::memcpy(y + r * n_out, full, cols * sizeof(float));
+  }
+}
+
+using TileFn = void (*)(const float*, const float*, const uint8_t*, float*, int64_t, int64_t, int);
+
+template <int64_t K, int... Rs>
+TileFn tile_for(int rows, std::integer_sequence<int, Rs...>) {
+  static constexpr TileFn fns[] = {tile<K, Rs + 1>...};
+  return fns[rows - 1];
+}
+
+template <int64_t K>
+void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, int64_t rows, int64_t n_in,
+         int64_t n_out) {
+  const int64_t blocks = n_in / kBlock, panel_bytes = blocks * Format<K>::kStride;
+  std::vector<float> sums(K == kQ8_0 ? 0 : rows * blocks);  // each row's sum over each block
+  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
+    const float* xs = xp + i * kBlock;
+    float s = 0.0f;
+    for (int k = 0; k < kBlock; ++k) s += xs[k];
+    sums[i] = s;
+  }
+  const float* sx = sums.data();
+  // One panel an item; its rows in tiles of nearly equal size, as project.cc.
+  maxjax::parallel_for(pool, (n_out + kPanel - 1) / kPanel, [=](int64_t p) {
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
+    const int64_t tiles = (rows + kMR - 1) / kMR;
+    for (int64_t t = 0, r = 0; t < tiles; ++t) {
+      int n = static_cast<int>((rows - r) / (tiles - t));
+      tile_for<K>(n, std::make_integer_sequence<int, kMR>{})(xp + r * n_in, sx + r * blocks, wp + p * panel_bytes,
+                                                             yp + r * n_out + p * kPanel, n_in, n_out, cols);
+      r += n;
+    }
+  });
+}
+
+ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t kind) {
+  int64_t stride;
+  switch (kind) {
+    case kQ8_0: stride = Format<kQ8_0>::kStride; break;
+    case kQ4_0: stride = Format<kQ4_0>::kStride; break;
+    case kQ4_1: stride = Format<kQ4_1>::kStride; break;
+    default: return ffi::Error::InvalidArgument("maxjax_qproject: kind is a ggml type: Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+  }
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (wd.size() != 3 || wd[2] != stride || xd.size() < 1 || xd.back() != wd[1] * kBlock ||
+      yd.size() != xd.size() || yd.back() > wd[0] * kPanel)
+    return ffi::Error::InvalidArgument(
+        "maxjax_qproject: x [..., in], w [panels, in / 32, stride of this kind and panel width], y [..., out]");
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) rows *= xd[i];
+  const int64_t n_in = xd.back(), n_out = yd.back();
+  if (rows == 0 || n_out == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const uint8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  if (n_in == 0) {
+    std::fill(yp, yp + rows * n_out, 0.0f);
+    return ffi::Error::Success();
+  }
+  switch (kind) {
+    case kQ8_0: run<kQ8_0>(pool, xp, wp, yp, rows, n_in, n_out); break;
+    case kQ4_0: run<kQ4_0>(pool, xp, wp, yp, rows, n_in, n_out); break;
+    default: run<kQ4_1>(pool, xp, wp, yp, rows, n_in, n_out); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxQProject, QProject,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind"));

@@ -1,0 +1,102 @@
+"""GGUF's quantized blocks repacked, once on the host, for `maxjax_qproject` (qproject.cc): the projection that
+reads the file's 4- and 8-bit codes and dequantizes them in registers, so a decode step reads about a fifth of
+the bytes float32 weights cost.
+
+A tensor `[out, in]` of Q8_0, Q4_0 or Q4_1 blocks (32 weights each, along `in`) becomes one uint8 array
+`[ceil(out / P), in / 32, stride]`: for each panel of P output columns (the build's `Kernels.panel`, the last
+panel zero-padded) and each block of 32 inputs, the P columns' codes interleaved (`[32][P]` int8 for Q8_0;
+`[16][P]` bytes of two nibbles each for Q4_*, each column's bytes exactly as the file holds them), then their
+scales `d` `[P]` float32, then (Q4_1) their minimums `m` `[P]` float32. One contiguous run per panel block, read
+once per call; the out axis first, so panels shard as `CpuPanels`' do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maxjax import kernels
+
+BLOCK = 32
+"""Weights per block along the input axis (every kind here)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One GGUF block encoding as the kernel takes it."""
+
+    ggml_type: int
+    """ggml's type number: the kernel's `kind` attribute."""
+    block_bytes: int
+    """Bytes of one block in the file (scales included)."""
+    code_rows: int
+    """Rows of P code bytes a block of a panel holds: 32 (one int8 per weight) or 16 (two nibbles per byte)."""
+    scales: int
+    """float32 scale vectors after the codes: 1 (d) or 2 (d, m)."""
+
+    def stride(self, panel: int) -> int:
+        """Bytes of one block of one panel in the packed array."""
+        return panel * (self.code_rows + 4 * self.scales)
+
+
+KINDS: dict[str, Kind] = {
+    "q8_0": Kind(ggml_type=8, block_bytes=34, code_rows=32, scales=1),  # d: f16, 32 int8 q; w = d q
+    "q4_0": Kind(ggml_type=2, block_bytes=18, code_rows=16, scales=1),  # d: f16, 16 bytes of 4-bit q; w = d (q - 8)
+    "q4_1": Kind(ggml_type=3, block_bytes=20, code_rows=16, scales=2),  # d, m: f16, 16 bytes; w = d q + m
+}
+"""The encodings the kernel multiplies, by maxjax's encoding name (`GGUFTensorInfo.encoding`)."""
+
+
+def _kind(kind: str) -> Kind:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"no quantized kernel for {kind!r}: it takes {', '.join(KINDS)}") from None
+
+
+def _blocks(kind: Kind, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
+    """The file's bytes of an [out, in] tensor as uint8 [out, in / 32, block_bytes]."""
+    if in_ % BLOCK:
+        raise ValueError(f"in = {in_} is not a whole number of {BLOCK}-weight blocks")
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.size != out * in_ // BLOCK * kind.block_bytes:
+        raise ValueError(f"expected {out * in_ // BLOCK * kind.block_bytes} bytes of uint8 blocks for [{out}, {in_}], "
+                         f"got {raw.size} of {raw.dtype}")
+    return raw.reshape(out, in_ // BLOCK, kind.block_bytes)
+
+
+def repack(kind: str, raw: np.ndarray, out: int, in_: int, panel: int) -> np.ndarray:
+    """The file's bytes of one [out, in] tensor (`GGUFFile.raw`: uint8 [out, in / 32 * block bytes]) as the
+    kernel's uint8 [ceil(out / panel), in / 32, stride] (module docstring)."""
+    k = _kind(kind)
+    blocks = _blocks(k, raw, out, in_)
+    panels, n_blocks = -(-out // panel), in_ // BLOCK
+    padded = np.zeros((panels * panel, n_blocks, k.block_bytes), np.uint8)  # zero codes and scales: zero weights
+    padded[:out] = blocks
+    by_panel = padded.reshape(panels, panel, n_blocks, k.block_bytes).transpose(0, 2, 1, 3)  # [panels, B, P, bytes]
+    scale_bytes = 2 * k.scales
+    codes = by_panel[..., scale_bytes:].transpose(0, 1, 3, 2)  # [panels, B, code_rows, P]
+    scales = by_panel[..., :scale_bytes].copy().view("<f2").astype("<f4").transpose(0, 1, 3, 2)  # [panels, B, s, P]
+    packed = np.empty((panels, n_blocks, k.stride(panel)), np.uint8)
+    packed[..., : k.code_rows * panel] = codes.reshape(panels, n_blocks, -1)
+    packed[..., k.code_rows * panel :] = np.ascontiguousarray(scales).view(np.uint8).reshape(panels, n_blocks, -1)
+    return packed
+
+
+def dequantize(kind: str, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
+    """The reference: the tensor's values as float32 [out, in], as ggml (and `GGUFFile.tensor`) decode them."""
+    from maxjax.weights.ggml_blocks import dequantize as decode
+
+    k = _kind(kind)
+    return decode(_blocks(k, raw, out, in_).reshape(out, -1), k.ggml_type)
+
+
+def qproject(x: Any, packed: Any, kind: str, out: int) -> Any:
+    """x [..., in] float32 times a repacked tensor -> [..., out], as the custom call (traced into the graph; the
+    kernels must be loaded, `kernels.load()`)."""
+    import jax
+
+    result = jax.ShapeDtypeStruct((*x.shape[:-1], out), np.float32)
+    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type))

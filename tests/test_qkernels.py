@@ -1,0 +1,112 @@
+"""The quantized projection kernel (maxjax/kernels/qproject.cc, repacked by kernels/quant.py): the product of
+float32 rows with GGUF's Q8_0, Q4_0 and Q4_1 blocks equals the product with the blocks dequantized as ggml does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from maxjax import kernels
+from maxjax.kernels import quant
+
+MODEL = Path("/root/.cache/maxjax/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def built() -> kernels.Kernels:
+    k = kernels.load()
+    assert k is not None, "the test machine has a C++ compiler: the kernel must build"
+    return k
+
+
+def random_blocks(kind: str, out: int, in_: int, seed: int) -> np.ndarray:
+    """uint8 [out, in / 32 * block bytes]: every code value possible, finite float16 scales (and minimums)."""
+    k = quant.KINDS[kind]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (out, in_ // quant.BLOCK, k.block_bytes), dtype=np.uint8)
+    scales = (rng.standard_normal((out, in_ // quant.BLOCK, k.scales)) * 0.02).astype("<f2")
+    blocks[..., : 2 * k.scales] = scales.view(np.uint8)
+    return blocks.reshape(out, -1)
+
+
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """y = x @ w.T to 1e-4 of the sum of the terms' magnitudes (float32 sums, in another order)."""
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
+    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64))
+    assert y.shape == expected.shape
+    assert np.all(np.abs(y - expected) <= bound), np.abs(y - expected).max()
+
+
+project = jax.jit(quant.qproject, static_argnums=(2, 3))
+
+
+def test_repack_layout() -> None:
+    """Panel p, block b: the P columns' codes [rows][P], then d [P] (and m [P]) as float32; the last panel's
+    missing columns zero."""
+    out, in_, panel = 5, 64, 4
+    for kind, k in quant.KINDS.items():
+        raw = random_blocks(kind, out, in_, seed=k.ggml_type)
+        blocks = raw.reshape(out, 2, k.block_bytes)
+        packed = quant.repack(kind, raw, out, in_, panel)
+        assert packed.shape == (2, 2, k.stride(panel)) and packed.dtype == np.uint8
+        for o in range(2 * panel):
+            for b in range(2):
+                codes = packed[o // panel, b, : k.code_rows * panel].reshape(k.code_rows, panel)[:, o % panel]
+                scales = packed[o // panel, b, k.code_rows * panel :].view("<f4").reshape(k.scales, panel)
+                if o < out:
+                    np.testing.assert_array_equal(codes, blocks[o, b, 2 * k.scales :])
+                    file_scales = blocks[o, b, : 2 * k.scales].view("<f2").astype(np.float32)
+                    np.testing.assert_array_equal(scales[:, o % panel], file_scales)
+                else:
+                    assert not codes.any() and not scales[:, o % panel].any()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 70])
+@pytest.mark.parametrize(("out", "in_"), [(37, 96), (200, 576), (5, 1536)])
+@pytest.mark.parametrize("kind", list(quant.KINDS))
+def test_qproject_matches_dequantized(built: kernels.Kernels, kind: str, rows: int, out: int, in_: int) -> None:
+    raw = random_blocks(kind, out, in_, seed=rows * 1000 + out)
+    x = np.random.default_rng(rows).standard_normal((rows, in_)).astype(np.float32)
+    y = np.asarray(project(x, quant.repack(kind, raw, out, in_, built.panel), kind, out))
+    check(y, x, quant.dequantize(kind, raw, out, in_))
+
+
+def test_leading_axes_and_the_graph(built: kernels.Kernels) -> None:
+    """A [B, T, in] input (prefill) gives [B, T, out]; the traced graph calls the custom call."""
+    out, in_ = 40, 64
+    raw = random_blocks("q4_1", out, in_, seed=7)
+    packed = quant.repack("q4_1", raw, out, in_, built.panel)
+    x = np.random.default_rng(7).standard_normal((2, 3, in_)).astype(np.float32)
+    assert kernels.QUANT_TARGET in project.lower(x, packed, "q4_1", out).as_text()
+    y = np.asarray(project(x, packed, "q4_1", out))
+    assert y.shape == (2, 3, out)
+    check(y.reshape(6, out), x.reshape(6, in_), quant.dequantize("q4_1", raw, out, in_))
+
+
+def test_bad_arguments_say_what_is_expected() -> None:
+    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1"):
+        quant.repack("q4_k", np.zeros(144, np.uint8), 1, 256, 16)
+    with pytest.raises(ValueError, match="whole number"):
+        quant.repack("q8_0", np.zeros(34, np.uint8), 1, 48, 16)
+    with pytest.raises(ValueError, match="68 bytes"):
+        quant.repack("q8_0", np.zeros(34, np.uint8), 1, 64, 16)
+
+
+@pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} is not downloaded")
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "token_embd.weight"])
+def test_real_tensor(built: kernels.Kernels, name: str) -> None:
+    """A Q4_1 projection and the Q8_0 tied embedding of SmolLM2-135M, read as maxjax's GGUF reader reads them."""
+    from maxjax.weights.gguf import GGUFFile
+
+    f = GGUFFile(MODEL)
+    info = f.tensor_info(name)
+    out, in_ = info.shape
+    raw = f.raw(name)
+    w = quant.dequantize(info.encoding, raw, out, in_)
+    np.testing.assert_array_equal(w, f.tensor(name))
+    x = np.random.default_rng(0).standard_normal((3, in_)).astype(np.float32)
+    y = np.asarray(project(x, quant.repack(info.encoding, raw, out, in_, built.panel), info.encoding, out))
+    check(y, x, w)
