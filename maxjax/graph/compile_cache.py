@@ -21,7 +21,7 @@ deserializes the executables on first use or from a background thread, whichever
 after warm-up either way.
 
 Loading an executable runs code from the cache directory (as JAX's own cache does): the directory must be as
-trusted as the Python environment itself.
+trusted as the Python environment itself. (A line past 400: the store, its keys and the load queue belong together.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Every weight names its axes (`nnx.Param` metadata `out_sharding`, in the shape o
 "heads" (query heads x head width), "kv_heads" (the fused Q/K/V output, grouped by KV head), "mlp", "head_dim".
 `graph/mesh.py` maps the names onto the device mesh. On a mesh of several devices the CPU kernels, which XLA
 cannot partition, run per shard (`project_per_shard`, `paged_attention`).
+
+Past the package's usual 400 lines: these are the layers every family shares, kept in one file so each model
+file reads against one place.
 """
 
 from __future__ import annotations

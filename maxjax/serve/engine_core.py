@@ -4,7 +4,8 @@
 batches (one prefill chunk, one decode batch), dispatches them on the device through the `ModelRunner`, and then
 appends the previous step's sampled tokens to their requests, reporting what each request got and whether it
 finished. `max generate` drives it directly; the server's engine thread (`serve/async_engine.py`) drives it in a
-loop. A request's values become step inputs in `serve/admission.py`.
+loop. A request's values become step inputs in `serve/admission.py`. Embedding requests ride the prefill steps
+and are pooled in `_collect`. (Slightly past 400 lines: plan, launch and collect share the batch they build.)
 """
 
 from __future__ import annotations
