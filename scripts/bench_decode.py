@@ -1,12 +1,14 @@
 """Time the decode step the server runs (the same compiled graph, sampling included) at several batch sizes.
 
     .venv/bin/python scripts/bench_decode.py [--model PATH] [--batch 1 8 32] [--context 256] [--runs 5]
-                                             [--xla-attention]
+                                             [--device cpu|gpu|tpu] [--xla-attention]
 
 Each row attends `--context` cached tokens; row 0 samples with temperature 0.8 and top-p 0.9, the rest are
 greedy. Prints the median step time over `--runs` runs of `--steps` steps (each step waits for its tokens,
-as the engine loop does), and beside it this machine's memory bandwidth and float32 matmul rate as JAX
-measures them on all cores (best of 5), so the numbers can be read against the roofline.
+as the engine loop does) and, beside it, the bound that reading every weight once per step at the device's
+memory bandwidth sets (weight bytes / bandwidth per step, batch / that in tok/s); then the device's memory
+bandwidth and float32 matmul rate as JAX measures them (all cores on CPU; best of 5), so the numbers can be
+read against the roofline.
 """
 
 from __future__ import annotations
@@ -76,12 +78,15 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=8192,
                         help="the server's --max-length: it sets the page-table width (default: the server's)")
+    parser.add_argument("--device", choices=["cpu", "gpu", "tpu"], default=None,
+                        help="the platform to time on, its first device (default: JAX's default backend)")
     parser.add_argument("--xla-attention", action="store_true",
-                        help="trace attention over the past with XLA's gathers instead of maxjax's CPU kernel "
-                             "(the projection kernel stays), to compare the two")
+                        help="trace attention over the past with XLA's gathers instead of maxjax's kernel (the CPU "
+                             "kernel; on GPU the Pallas kernel; the projection kernel stays), to compare the two")
     args = parser.parse_args()
 
-    loaded = load_model(resolve_model(args.model))
+    device = jax.devices(args.device)[0] if args.device else jax.devices()[0]
+    loaded = load_model(resolve_model(args.model), platform=device.platform)
     cfg = loaded.config
     max_batch = max(args.batch)
     pages_per_row = -(-(args.context + 1) // args.page_size)
@@ -89,12 +94,18 @@ def main() -> None:
                       page_size=args.page_size)
     spec = CacheSpec(cfg.num_layers, 1 + max_batch * pages_per_row, args.page_size, cfg.num_kv_heads, cfg.head_dim,
                      loaded.dtype)
-    backend = backend_for(jax.devices()[0].platform, loaded.dtype)
+    backend = backend_for(device.platform, loaded.dtype)
     if args.xla_attention:
         backend = dataclasses.replace(backend, past_kernel=False)
-    runner = ModelRunner(loaded.model, spec, grid, backend=backend)
-    print(f"device {jax.devices()[0]}, dtype {jnp.dtype(loaded.dtype).name}, context {args.context} tokens, "
+    runner = ModelRunner(loaded.model, spec, grid, device, backend=backend)
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state))
+    with jax.default_device(device):
+        bandwidth, gflops = machine_rates()
+    bound_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    print(f"device {device}, dtype {jnp.dtype(loaded.dtype).name}, context {args.context} tokens, "
           f"page size {args.page_size}, {backend}")
+    print(f"weights {weight_bytes / 2**20:.1f} MiB: read once per step at {bandwidth:.1f} GB/s, a step takes at least "
+          f"{bound_ms:.3f} ms")
     for rows in args.batch:
         bucket = grid.batch_bucket(rows)
         pages = grid.max_pages
@@ -114,9 +125,10 @@ def main() -> None:
             run()
             step_ms.append((time.perf_counter() - start) / args.steps * 1e3)
         ms = statistics.median(step_ms)
-        print(f"batch {rows:3d}: {ms:7.2f} ms/step  {rows / ms * 1e3:7.1f} tok/s   (compile {compile_s:.1f} s)")
-    bandwidth, gflops = machine_rates()
-    print(f"machine: memory read {bandwidth:.1f} GB/s, float32 matmul {gflops:.0f} GFLOP/s (JAX, all cores, best of 5)")
+        print(f"batch {rows:3d}: {ms:7.2f} ms/step  {rows / ms * 1e3:7.1f} tok/s   (weights-read bound "
+              f"{rows / bound_ms * 1e3:9.1f} tok/s; compile {compile_s:.1f} s)")
+    print(f"machine: memory read {bandwidth:.1f} GB/s, float32 matmul {gflops:.0f} GFLOP/s "
+          f"(JAX on {device.platform}, best of 5)")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def main() -> None:
     spec = CacheSpec(cfg.num_layers, 1 + max_rows * decode_pages + prefill_pages, ps, cfg.num_kv_heads,
                      cfg.head_dim, loaded.dtype)
     backend = backend_for(jax.devices()[0].platform, loaded.dtype)
-    if not backend.past_kernel:
+    if backend.past_kernel is not True:
         raise SystemExit(f"the ragged step reads the past through maxjax's CPU kernel; this backend ({backend}) "
                          "has none: run on CPU with float32 weights and a C++ compiler")
     runner = ModelRunner(loaded.model, spec, grid, backend=backend)

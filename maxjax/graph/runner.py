@@ -290,7 +290,7 @@ class ModelRunner:
     @property
     def lazy_pool(self) -> bool:
         """Whether the pool is only reserved (attention reads it through the CPU kernel), not zeroed."""
-        return self.backend.past_kernel
+        return self.backend.past_kernel is True
 
     @property
     def cache(self) -> KVCache:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -137,16 +137,23 @@ class Shards:
         return PartitionSpec(*(self.axis(name) for name in axes))
 
 
+PastKernel = Literal[False, True, "pallas"]
+"""`Backend.past_kernel`: XLA's blocks (False), maxjax's CPU kernel (True; the CPU backends' values, and so their
+compile-cache keys, as before the GPU kernel came), or the Pallas GPU kernel ("pallas")."""
+
+
 @dataclass(frozen=True)
 class Backend:
     """What a model is built for: chosen once per device (`backend_for`) and handed to the model."""
 
     weights: WeightLayout = CHECKPOINT_LAYOUT
     """The layout of every projection kernel and of the embedding table."""
-    past_kernel: bool = False
-    """Attention reads each row's cached past straight from the pool through maxjax's CPU kernel
-    (`maxjax_paged_past`, float32 only) instead of XLA's gathered blocks. A pool only that kernel reads may be
-    reserved rather than zeroed (`CacheSpec.allocate`)."""
+    past_kernel: PastKernel = False
+    """Who reads each row's cached past straight from the pool, instead of XLA's gathered blocks (False): True,
+    maxjax's CPU kernel (`maxjax_paged_past`, float32 only); "pallas", the Pallas GPU kernel
+    (`kernels/pallas_past.py`). A pool only the CPU kernel reads may be reserved rather than zeroed
+    (`CacheSpec.allocate`): it never reads a slot past a row's cached length; the Pallas kernel reads whole
+    pages."""
     shards: Shards | None = None
     """The mesh, where it has several devices (`ModelRunner` sets it): the CPU kernels then run per shard."""
 
@@ -154,7 +161,10 @@ class Backend:
 def backend_for(platform: str, dtype: Any) -> Backend:
     """The fastest backend for models of `dtype` on `platform` ("cpu", "gpu", "tpu"): on CPU with maxjax's kernels
     built (`kernels.load()`, which warns once where they cannot be) and float32 weights, the kernels' panels and
-    attention; on CPU otherwise, XLA's CPU forms; elsewhere, XLA's generic forms (GPU and TPU keep the matmul)."""
+    attention; on CPU otherwise, XLA's CPU forms; on GPU, XLA's generic forms with attention over the past in the
+    Pallas kernel; on TPU, XLA's generic forms."""
+    if platform == "gpu":
+        return Backend(past_kernel="pallas")
     if platform != "cpu":
         return Backend()
     built = kernels.load()

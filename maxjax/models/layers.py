@@ -33,7 +33,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from maxjax import kernels
-from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, CpuPanels, Shards, WeightLayout
+from maxjax.kernels import pallas_past
+from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, CpuPanels, PastKernel, Shards, WeightLayout
 from maxjax.models.config import RopeConfig
 
 Axes = tuple[str | None, str | None]
@@ -326,14 +327,16 @@ costs microseconds of loop overhead, which long contexts can afford.
 
 def paged_attention(
     q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, layer: int, batch: AttentionBatch, *,
-    scale: float, sliding_window: int | None = None, softcap: float | None = None, past_kernel: bool = False,
+    scale: float, sliding_window: int | None = None, softcap: float | None = None, past_kernel: PastKernel = False,
     shards: Shards | None = None,
 ) -> jax.Array:
     """Attention of the new tokens over each row's cached past plus the new tokens themselves (causally).
 
-    q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E]. With `past_kernel`
-    (`Backend.past_kernel`: float32 on CPU with maxjax's kernels) the past is read through `kernels.paged_past`;
-    on a mesh of several devices (`shards`), per shard: each device over its KV heads and its part of the pool.
+    q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E]. `past_kernel`
+    (`Backend.past_kernel`) says who reads the past: True, maxjax's CPU kernel (`kernels.paged_past`; float32 on
+    CPU); "pallas", the Pallas GPU kernel (`kernels/pallas_past.py`; XLA's form on a mesh or where the head width
+    or page size does not fit Triton's tiles); False, XLA's blocks below. The CPU kernel on a mesh of several
+    devices (`shards`) runs per shard: each device over its KV heads and its part of the pool.
 
     The cache is only read here: new keys and values are written for all layers at once after the step, so
     the pool is never copied. The past is visited `BLOCK_TOKENS` at a time, as many blocks as the
@@ -366,9 +369,15 @@ def paged_attention(
     run_sum = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bkmu,buke->bkme", p.astype(v_new.dtype), v_new).astype(jnp.float32)
 
+    if past_kernel == "pallas" and (shards is not None or not pallas_past.fits(e, cache.page_size)):
+        past_kernel = False  # XLA's form: Triton cannot tile this pool, or a mesh (`pallas_past` says why)
     if batch.page_table.shape[1] and past_kernel:
-        assert cache.k.dtype == qg.dtype == jnp.float32, f"the CPU attention kernel reads float32, not {cache.k.dtype}"
-        past = functools.partial(kernels.paged_past, layer=layer, window=sliding_window, softcap=softcap)
+        if past_kernel == "pallas":
+            past = functools.partial(pallas_past.paged_past, layer=layer, window=sliding_window, softcap=softcap)
+        else:
+            assert cache.k.dtype == qg.dtype == jnp.float32, (
+                f"the CPU attention kernel reads float32, not {cache.k.dtype}")
+            past = functools.partial(kernels.paged_past, layer=layer, window=sliding_window, softcap=softcap)
         if shards is not None:
             heads = PartitionSpec(None, shards.axis("kv_heads"))  # q and the running sums [B, K, ...]
             pool, whole = PartitionSpec(None, None, shards.axis("kv_heads")), PartitionSpec()
