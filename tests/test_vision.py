@@ -3,8 +3,7 @@
 scripts/make_vision_fixtures.py recorded, for two random images of other sizes than the tower's 32x32, the
 pixel values transformers' Gemma 3 processor gives, the SigLIP tower's output and the projector's soft tokens,
 and, for a prompt with one image and one with two, the input embeddings transformers' language model receives
-after the merge. (It also recorded the logits; maxjax's text model takes token ids only, so they are not
-compared here yet.)
+after the merge. The logits it recorded are compared in tests/test_vision_logits.py.
 """
 
 from __future__ import annotations

@@ -133,19 +133,28 @@ class Gemma3ForCausalLM(nnx.Module):
                                                 layout=layout)
 
     def forward(
-        self, tokens: jax.Array, cache: KVCache, page_table: jax.Array, past_len: jax.Array
+        self, tokens: jax.Array | None, cache: KVCache, page_table: jax.Array, past_len: jax.Array, *,
+        embeds: jax.Array | None = None, image_block: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """tokens [B, T] -> (final-normed hidden states [B, T, D], new keys and values [L, B, T, K, E])."""
+        """tokens [B, T] -> (final-normed hidden states [B, T, D], new keys and values [L, B, T, K, E]).
+
+        With images (`gemma3_vision`): `embeds` [B, T, D], the merged input embeddings (`merge_image_features`,
+        already scaled), in place of `tokens`; `image_block` [B, T], each token's image (0: text; `AttentionBatch`),
+        so that one image's tokens attend to each other both ways. Both None: the text-only graph."""
         cfg = self.cfg
-        t = tokens.shape[1]
-        x = self.embed(tokens)  # [B, T, D]
-        # transformers rounds the scale to the embedding dtype before multiplying; so does this.
-        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+        if embeds is None:
+            assert tokens is not None, "forward needs tokens or embeds"
+            x = self.embed(tokens)  # [B, T, D]
+            # transformers rounds the scale to the embedding dtype before multiplying; so does this.
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+        else:
+            x = embeds
+        t = x.shape[1]
         positions = past_len[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
         def batch_for(rope: Any) -> AttentionBatch:
             cos, sin = rope_cos_sin(positions, rope_inv_freq(rope, cfg.head_dim))
-            return AttentionBatch(page_table=page_table, past_len=past_len, cos=cos, sin=sin)
+            return AttentionBatch(page_table=page_table, past_len=past_len, cos=cos, sin=sin, image_block=image_block)
 
         global_batch = batch_for(cfg.rope)
         local_batch = batch_for(cfg.rope_local) if cfg.rope_local is not None else global_batch

@@ -13,8 +13,9 @@ embeddings already scaled by sqrt(D), as `Gemma3ForCausalLM.forward` computes th
 embedding lookup, before the merge, so the image features themselves are never scaled.
 
 `preprocess_images` is Gemma 3's image processor without pan-and-scan: resize to the tower's size, rescale,
-normalize (preprocessor_config.json). Not done here: the text model's mask, under which the tokens of one image
-attend to each other bidirectionally (transformers' `token_type_ids`).
+normalize (preprocessor_config.json). The merged embeddings go to `Gemma3ForCausalLM.forward(embeds=...)`, with
+`image_block` for the text model's mask, under which the tokens of one image attend to each other both ways
+(transformers' `token_type_ids`; `AttentionBatch.image_block`).
 """
 
 from __future__ import annotations

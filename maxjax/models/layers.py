@@ -290,6 +290,10 @@ class AttentionBatch(NamedTuple):
     cos: jax.Array
     """[B, T, E] rotary tables for the new tokens."""
     sin: jax.Array
+    image_block: jax.Array | None = None
+    """[B, T] int32 or None: 0 for a text token, k for the tokens of the k-th image; the new tokens of one image
+    attend to each other both ways (Gemma 3's `token_type_ids`), within the window on sliding layers. Only the
+    new tokens' mask reads it: an image's tokens must all be in one prefill chunk. None: causal only."""
 
 
 class KVCache(NamedTuple):
@@ -361,9 +365,12 @@ def paged_attention(
 
     # The new tokens first: every query sees at least itself, so the running max starts finite.
     new_pos = batch.past_len[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    s_new = masked(
-        jnp.einsum("bkme,buke->bkmu", qg, k_new), new_pos, new_pos[:, None, :] <= query_pos[:, :, None]
-    )
+    s_new = jnp.einsum("bkme,buke->bkmu", qg, k_new)  # [B, K, M, T]
+    allowed = new_pos[:, None, :] <= query_pos[:, :, None]  # [B, M, T]
+    if batch.image_block is not None:  # or both tokens in the same image (AND the window, in `masked`)
+        query_block = jnp.repeat(batch.image_block, g, axis=1)[:, :, None]  # [B, M, 1]
+        allowed = allowed | ((query_block == batch.image_block[:, None, :]) & (query_block > 0))
+    s_new = masked(s_new, new_pos, allowed)
     run_max = jnp.max(s_new, axis=-1, keepdims=True)  # [B, K, M, 1]
     p = jnp.exp(s_new - run_max)
     run_sum = jnp.sum(p, axis=-1, keepdims=True)
