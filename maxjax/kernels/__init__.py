@@ -32,7 +32,7 @@ from maxjax.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("project.cc", "attention.cc", "qproject.cc"))
-HEADERS = (Path(__file__).with_name("parallel.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "panel.h"))
 TARGET = "maxjax_project"
 ATTENTION_TARGET = "maxjax_paged_past"
 RESERVE_TARGET = "maxjax_reserve"

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <utility>
 
+#include "panel.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -26,19 +27,17 @@ namespace {
 
 // Lanes per vector, vectors per panel row (NV) and rows per tile (MR): MR * NV accumulators + NV weight vectors
 // + 1 broadcast must fit the register file (AVX2 16, AVX-512 and NEON 32).
+using maxjax::kLanes, maxjax::kNV, maxjax::kPanel, maxjax::Vec;
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kNV = 2, kMR = 12;
+constexpr int kMR = 12;
 #elif defined(__AVX__)
-constexpr int kLanes = 8, kNV = 2, kMR = 6;
+constexpr int kMR = 6;
 #elif defined(__aarch64__)
-constexpr int kLanes = 4, kNV = 4, kMR = 6;
+constexpr int kMR = 6;
 #else
-constexpr int kLanes = 4, kNV = 2, kMR = 4;
+constexpr int kMR = 4;
 #endif
-constexpr int kPanel = kLanes * kNV;
 constexpr int64_t kPrefetchFloats = 1024;  // 4 KiB ahead in the panel stream (none: 10-20% slower at 8 rows)
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline Vec load(const float* p) {
   Vec v;

@@ -19,8 +19,8 @@
 //
 // Work is split by panels among the calling thread and XLA's intra-op pool (parallel.h). Written with GCC/Clang
 // vector extensions, with intrinsics only to widen the codes (AVX2, AVX-512, NEON; plain loops on other CPUs, so
-// it compiles wherever project.cc does); the lane and panel widths are project.cc's, so `Kernels.panel` packs for
-// both.
+// it compiles wherever project.cc does); the lane and panel widths come from panel.h, as project.cc's do, so
+// `Kernels.panel` packs for both.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -33,6 +33,7 @@
 #include <arm_neon.h>
 #endif
 
+#include "panel.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -41,20 +42,18 @@ namespace ffi = xla::ffi;
 namespace {
 
 // MR here is smaller than project.cc's: the scales (and minimums) take NV registers each.
+using maxjax::kLanes, maxjax::kNV, maxjax::kPanel, maxjax::Vec;
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kNV = 2, kMR = 8;
+constexpr int kMR = 8;
 #elif defined(__AVX__)
-constexpr int kLanes = 8, kNV = 2, kMR = 4;
+constexpr int kMR = 4;
 #elif defined(__aarch64__)
-constexpr int kLanes = 4, kNV = 4, kMR = 4;
+constexpr int kMR = 4;
 #else
-constexpr int kLanes = 4, kNV = 2, kMR = 2;
+constexpr int kMR = 2;
 #endif
-constexpr int kPanel = kLanes * kNV;
 constexpr int kBlock = 32;
 constexpr int64_t kPrefetchBytes = 2048;
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // ggml's type numbers: the `kind` attribute.
