@@ -20,11 +20,14 @@ import numpy as np
 from maxjax.errors import UserError
 from maxjax.hub import ResolvedModel
 from maxjax.models.config import TransformerConfig
+from maxjax.pooling import declared_pooling
 from maxjax.registry import Registry, SupportedArchitecture, default_registry
 from maxjax.weights import encodings
 
 if TYPE_CHECKING:
     from flax import nnx
+
+    from maxjax.serve.protocol import Pooling
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class Checkpoint:
     """HF tensor name -> the stored tensor as NumPy (dequantized from GGUF types)."""
     tokenizer: Any
     """maxjax.tokenizer.Tokenizer"""
+    pooling: Pooling | None = None
+    """The embedding pooling the checkpoint declares (`maxjax/pooling.py`); None when it declares none."""
 
 
 def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
@@ -145,7 +150,8 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
             raise UserError(f"{resolved.path}: the file has no tensor for {hf_name}; is it a complete model?")
         return tensor_to_hf(hf_name, file.tensor(to_gguf[hf_name]), hf_config)
 
-    return Checkpoint(resolved, config, arch, get, load_gguf_tokenizer(metadata))
+    pooling = declared_pooling(resolved.config_dir, metadata)
+    return Checkpoint(resolved, config, arch, get, load_gguf_tokenizer(metadata), pooling)
 
 
 def _config(arch: SupportedArchitecture, hf_config: dict[str, Any]) -> Any:
@@ -175,4 +181,5 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
             raise UserError(f"{resolved.path}: the checkpoint has no tensor {name}; is it complete?")
         return weights.get(stored[name])
 
-    return Checkpoint(resolved, config, arch, get, load_hf_tokenizer(resolved.config_dir or resolved.path))
+    tokenizer = load_hf_tokenizer(resolved.config_dir or resolved.path)
+    return Checkpoint(resolved, config, arch, get, tokenizer, declared_pooling(resolved.path))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +42,25 @@ def sentence_transformers_pooling(model_dir: Path) -> Pooling | None:
     return Pooling(kind, normalize="Normalize" in kinds)  # type: ignore[arg-type]
 
 
-def declared_pooling(kind: str, path: Path, config_dir: Path | None) -> Pooling | None:
-    """The pooling a resolved checkpoint (`ResolvedModel.kind`, `.path`, `.config_dir`) declares: its
-    sentence-transformers modules, else a GGUF file's `<arch>.pooling_type`; None when it declares none (an
-    embedding model, then, only by `--task embed`)."""
-    folder = path if kind == "hf" else config_dir
+def declared_pooling(folder: Path | None, gguf_metadata: Mapping[str, Any] | None = None) -> Pooling | None:
+    """The pooling a checkpoint declares: the sentence-transformers modules in `folder` (its directory, or the
+    config directory beside a GGUF file), else a GGUF file's `<arch>.pooling_type` (from the metadata its reader
+    already parsed); None when it declares none (an embedding model, then, only by `--task embed`)."""
     declared = sentence_transformers_pooling(folder) if folder is not None else None
-    if declared is None and kind == "gguf":
-        from maxjax.weights.gguf import read_metadata
-
-        metadata = read_metadata(path)
-        arch = metadata.get("general.architecture")
-        code = metadata.get(f"{arch}.pooling_type")
+    if declared is None and gguf_metadata is not None:
+        arch = gguf_metadata.get("general.architecture")
+        code = gguf_metadata.get(f"{arch}.pooling_type")
         if code in _GGUF_TYPES:
             declared = Pooling(_GGUF_TYPES[code], normalize=True)  # type: ignore[arg-type]
     return declared
 
 
 def checkpoint_pooling(kind: str, path: Path, config_dir: Path | None) -> Pooling:
-    """The pooling of a resolved checkpoint: what it declares, else the last token, normalized."""
-    return declared_pooling(kind, path, config_dir) or Pooling()
+    """The pooling of a resolved checkpoint (`ResolvedModel.kind`, `.path`, `.config_dir`): what it declares,
+    else the last token, normalized."""
+    metadata = None
+    if kind == "gguf":
+        from maxjax.weights.gguf import read_metadata
+
+        metadata = read_metadata(path)
+    return declared_pooling(path if kind == "hf" else config_dir, metadata) or Pooling()

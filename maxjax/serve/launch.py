@@ -113,7 +113,6 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device | Sequence[jax.Devic
     `max serve`, `max warm-cache` and `max generate` all come here."""
     from maxjax.graph.compile_cache import open_store
     from maxjax.pipeline import build_model
-    from maxjax.pooling import declared_pooling
     from maxjax.serve.engine_core import EngineCore
     from maxjax.serve.protocol import Pooling
 
@@ -128,10 +127,8 @@ def build_engine(checkpoint: Checkpoint, device: jax.Device | Sequence[jax.Devic
         raise UserError(str(e)) from None
     if parts is not None:
         parts.done("weights placed, KV pool reserved")
-    resolved = checkpoint.resolved
-    declared = declared_pooling(resolved.kind, resolved.path, resolved.config_dir)
-    core.pooling = declared or Pooling()
-    core.declares_pooling = declared is not None
+    core.pooling = checkpoint.pooling or Pooling()
+    core.declares_pooling = checkpoint.pooling is not None
     todo = shapes(core.grid) if shapes is not None else core.grid.all_shapes()
     report = core.runner.warm_up(todo, progress=_progress(len(todo)), store=store)
     _log_warm_up(report)

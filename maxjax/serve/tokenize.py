@@ -27,7 +27,7 @@ from maxjax.serve.chat import chat_prompt, tool_plan
 from maxjax.serve.choices import check_model
 from maxjax.serve.errors import ApiError, validation_error
 from maxjax.serve.protocol import Engine
-from maxjax.serve.schemas import ChatCompletionRequest, ChatMessage
+from maxjax.serve.schemas import ChatCompletionRequest, ChatMessage, parse_request
 from maxjax.serve.text import TextTokenizer
 from maxjax.serve.tool_use import ChatFeatures
 
@@ -58,12 +58,7 @@ class TokenizeChat(_Request):
         fields = self.model_dump(include={"messages", "tools", "tool_choice", "parallel_tool_calls",
                                           "chat_template_kwargs"}, exclude_none=True)  # fmt: skip
         fields["messages"] = self.messages
-        try:
-            request = ChatCompletionRequest.model_validate(fields)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        request.check(vocab_size)
-        return request
+        return parse_request(ChatCompletionRequest, fields, vocab_size=vocab_size)
 
 
 class Detokenize(_Request):
