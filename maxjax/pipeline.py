@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from maxjax.models.config import TransformerConfig
 from maxjax.pooling import declared_pooling
 from maxjax.registry import Registry, SupportedArchitecture, default_registry
 from maxjax.weights import encodings
+from maxjax.weights.quantized import QuantizedRows
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -42,6 +43,13 @@ class LoadedModel:
     """maxjax.tokenizer.Tokenizer"""
 
 
+class TensorSource(Protocol):
+    def __call__(self, name: str, keep: Container[str] = (), /) -> np.ndarray | QuantizedRows:
+        """HF tensor name -> the stored tensor: as NumPy (dequantized from GGUF's block types), or kept in its
+        blocks (`QuantizedRows`) where its encoding is in `keep`."""
+        ...
+
+
 @dataclass
 class Checkpoint:
     """A model's files, opened and checked: what `build_model` needs, with no JAX imported yet."""
@@ -49,8 +57,7 @@ class Checkpoint:
     resolved: ResolvedModel
     config: Any
     architecture: SupportedArchitecture
-    get: Callable[[str], np.ndarray]
-    """HF tensor name -> the stored tensor as NumPy (dequantized from GGUF types)."""
+    get: TensorSource
     tokenizer: Any
     """maxjax.tokenizer.Tokenizer"""
     pooling: Pooling | None = None
@@ -82,22 +89,31 @@ def open_checkpoint(resolved: ResolvedModel, registry: Registry | None = None) -
 
 def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> LoadedModel:
     """The Flax model of an opened checkpoint, its weights cast to the serving dtype of `platform` (default: the
-    first device's)."""
+    first device's). A GGUF served in its own encoding keeps each projection and embedding table the device
+    multiplies in its blocks there (`Backend.keeps`: the CPU kernel's, or XLA's dequantize-beside-the-matmul)
+    as `GGUFBlocks`, which `use_backend` then moves onto the device's form; the rest is dequantized."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from maxjax.kernels import quant
+    from maxjax.models.backend import backend_for
 
     resolved, config, arch, get = checkpoint.resolved, checkpoint.config, checkpoint.architecture, checkpoint.get
     platform = platform or jax.devices()[0].platform
     dtype = serving_dtype(resolved, platform)
     start = time.perf_counter()
     np_dtype = np.dtype(jnp.dtype(dtype))
+    backend = backend_for(platform, dtype)
+    keep = () if resolved.needs_conversion else [e for e in quant.KINDS if backend.keeps(e)]
 
     def get_cast(name: str) -> np.ndarray:
-        return get(name).astype(np_dtype, copy=False)
+        w = get(name, keep)
+        return cast(np.ndarray, w) if isinstance(w, QuantizedRows) else w.astype(np_dtype, copy=False)  # row moves keep blocks
 
     params = arch.load_params(config, get_cast)
     abstract = nnx.eval_shape(lambda: arch.model_class(config, dtype))
+    blocks = _set_aside_blocks(params, _blocks_holders(abstract), np_dtype)
     graphdef, state = nnx.split(abstract)
     expected = {path: (leaf.shape, leaf.dtype) for path, leaf in _flat(state)}
     try:
@@ -109,9 +125,45 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
             got = "nothing" if isinstance(leaf, jax.ShapeDtypeStruct) else f"{leaf.shape} {leaf.dtype}"
             raise UserError(f"{resolved.path}: weight {path} should be {expected[path]}, got {got}")
     model = nnx.merge(graphdef, state)
-    log.info("loaded %s (%s) as %s in %.1f s", resolved.name, resolved.stored_encoding, jnp.dtype(dtype).name,
-             time.perf_counter() - start)
+    for where, holder in _blocks_holders(model).items():
+        if where in blocks:
+            holder.hold_blocks(blocks[where], dtype)
+    kept = f", {len(blocks)} tensors in their {'/'.join(sorted({b.encoding for b in blocks.values()}))} blocks"
+    log.info("loaded %s (%s) as %s%s in %.1f s", resolved.name, resolved.stored_encoding, jnp.dtype(dtype).name,
+             kept if blocks else "", time.perf_counter() - start)
     return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=checkpoint.tokenizer)
+
+
+def _blocks_holders(model: nnx.Module) -> dict[tuple[str, ...], Any]:
+    """Every parameter that can be held in GGUF's blocks (a `Linear`'s kernel, an `Embedding`'s table), by its
+    path in the parameter dict, with the module holding it."""
+    from flax import nnx
+
+    from maxjax.models.layers import Embedding, Linear
+
+    holders: dict[tuple[str, ...], Any] = {}
+    for where, node in nnx.iter_graph(model):
+        if isinstance(node, Linear | Embedding):
+            holders[(*map(str, where), "kernel" if isinstance(node, Linear) else "weight")] = node
+    return holders
+
+
+def _set_aside_blocks(params: dict[str, Any], holders: Container[tuple[str, ...]], dtype: np.dtype[Any],
+                      prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], QuantizedRows]:
+    """Take the tensors kept in their blocks out of `params` (in place), leaving stand-ins of the float shape
+    (for the shape checks; no memory) where a module will hold the blocks, the values dequantized elsewhere."""
+    taken: dict[tuple[str, ...], QuantizedRows] = {}
+    for key, value in params.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict):
+            taken |= _set_aside_blocks(value, holders, dtype, path)
+        elif isinstance(value, QuantizedRows):
+            if path in holders:
+                taken[path] = value
+                params[key] = np.broadcast_to(np.zeros((), dtype), value.shape)
+            else:
+                params[key] = value.dequantized().astype(dtype, copy=False)
+    return taken
 
 
 def _flat(state: nnx.State) -> list[tuple[str, Any]]:
@@ -145,10 +197,15 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
             to_gguf[hf_name] = name
     tensor_to_hf = arch.gguf_tensor_to_hf
 
-    def get(hf_name: str) -> np.ndarray:
+    def get(hf_name: str, keep: Container[str] = ()) -> np.ndarray | QuantizedRows:
         if hf_name not in to_gguf:
             raise UserError(f"{resolved.path}: the file has no tensor for {hf_name}; is it a complete model?")
-        return tensor_to_hf(hf_name, file.tensor(to_gguf[hf_name]), hf_config)
+        info = file.tensor_info(to_gguf[hf_name])
+        if info.encoding in keep and len(info.shape) == 2:
+            tensor: np.ndarray | QuantizedRows = QuantizedRows(info.ggml_type, file.raw(info.name), info.shape[-1])
+        else:
+            tensor = file.tensor(info.name)
+        return tensor_to_hf(hf_name, tensor, hf_config)  # type: ignore[arg-type]  # row moves keep the blocks
 
     pooling = declared_pooling(resolved.config_dir, metadata)
     return Checkpoint(resolved, config, arch, get, load_gguf_tokenizer(metadata), pooling)
@@ -176,7 +233,7 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
     if arch.weight_name_to_hf is not None:  # e.g. Gemma 3's `language_model.model.*` -> `model.*`
         stored = {hf: name for name in weights.names if (hf := arch.weight_name_to_hf(name)) is not None}
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, keep: Container[str] = ()) -> np.ndarray:
         if name not in stored:
             raise UserError(f"{resolved.path}: the checkpoint has no tensor {name}; is it complete?")
         return weights.get(stored[name])

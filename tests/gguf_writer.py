@@ -29,7 +29,8 @@ import numpy as np
 
 Q = gguf.GGMLQuantizationType
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-              Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+              Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+              Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
 ARCHES = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,

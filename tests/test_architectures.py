@@ -30,7 +30,7 @@ from flax import nnx
 from maxjax.errors import UserError
 from maxjax.graph.runner import CacheSpec
 from maxjax.hub import resolve_model
-from maxjax.models.backend import backend_for
+from maxjax.models.backend import Backend, backend_for
 from maxjax.models.config import TransformerConfig
 from maxjax.models.layers import KVCache, use_backend, write_kv
 from maxjax.pipeline import LoadedModel, load_model
@@ -59,16 +59,17 @@ def _step(model: Any, tokens: jax.Array, cache: KVCache, pages: jax.Array,
     return model.logits(hidden)[0], new_k, new_v
 
 
-def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int]) -> np.ndarray:
+def paged_logits(loaded: LoadedModel, tokens: np.ndarray, chunks: list[int], backend: Backend | None = None
+                 ) -> np.ndarray:
     """Logits [T, V] at every position: `chunks` prefilled, then the rest decoded one token at a time, each step
     reading the past from the paged cache and writing its own keys/values after, as `graph/runner.py` does: one
     jitted step per token count, a page table as wide as the sequence (pages past `past_len` masked), and on CPU
-    maxjax's kernels (packed projections, attention read from the pool) where they build."""
+    maxjax's kernels (packed projections, attention read from the pool) where they build, or on `backend`."""
     cfg = loaded.config
     n_pages = -(-len(tokens) // PAGE_SIZE) + 1
     cache = CacheSpec(cfg.num_layers, n_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=loaded.dtype).allocate()
     pages = np.arange(1, n_pages, dtype=np.int32)  # page 0 is the scratch page
-    use_backend(loaded.model, backend_for("cpu", loaded.dtype))
+    use_backend(loaded.model, backend or backend_for("cpu", loaded.dtype))
 
     out, start = [], 0
     for n in [*chunks, *[1] * (len(tokens) - sum(chunks))]:

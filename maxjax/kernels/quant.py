@@ -100,3 +100,62 @@ def qproject(x: Any, packed: Any, kind: str, out: int) -> Any:
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), np.float32)
     return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type))
+
+
+# XLA's forms of the same blocks: the product where the kernel does not run (GPU, TPU, a model on XLA's own
+# layouts), and the rows of a quantized embedding table. Traced into the graph: the weights stay in their
+# blocks on the device and are dequantized beside the matmul (or the lookup) that uses them.
+
+
+def _values(kind: Kind, codes: Any, d: Any, m: Any, dtype: Any) -> Any:
+    """Weights [..., 32] of blocks, from their codes (uint8 [..., 32] for Q8_0, read as int8; [..., 16] bytes of
+    two nibbles for Q4_*, low nibbles first) and scales d (and minimums m) [..., 1] float32."""
+    import jax
+    import jax.numpy as jnp
+
+    if kind.code_rows == 32:
+        q = jax.lax.bitcast_convert_type(codes, jnp.int8).astype(jnp.float32)
+    else:
+        q = jnp.concatenate([codes & 0x0F, codes >> 4], axis=-1).astype(jnp.float32)
+        if kind.scales == 1:
+            q = q - 8.0
+    w = q * d if m is None else q * d + m
+    return w.astype(dtype)
+
+
+def dequantize_xla(kind: str, blocks: Any, dtype: Any = np.float32) -> Any:
+    """The file's bytes uint8 [..., in / 32 * block bytes] (`GGUFFile.raw`'s rows) -> [..., in] of `dtype`, in
+    the graph."""
+    import jax
+    import jax.numpy as jnp
+
+    k = _kind(kind)
+    b = blocks.reshape(*blocks.shape[:-1], -1, k.block_bytes)
+    halves = jax.lax.bitcast_convert_type(b[..., : 2 * k.scales].reshape(*b.shape[:-1], k.scales, 2), jnp.float16)
+    scales = halves.astype(jnp.float32)  # [..., n_blocks, scales]
+    m = scales[..., 1:2] if k.scales == 2 else None
+    w = _values(k, b[..., 2 * k.scales :], scales[..., 0:1], m, dtype)
+    return w.reshape(*blocks.shape[:-1], -1)
+
+
+def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.float32) -> Any:
+    """Rows `rows` [...] (output columns) of a repacked tensor [panels, in / 32, stride] -> [..., in] of `dtype`,
+    in the graph: a tied embedding table looked up in the kernel's layout, with no second copy of it."""
+    import jax
+    import jax.numpy as jnp
+
+    k = _kind(kind)
+    blocks = packed[rows // panel]  # [..., n_blocks, stride]
+    column = (rows % panel)[..., None, None]  # [..., 1, 1]
+
+    def pick(rows_of_p: Any, count: int) -> Any:  # [..., n_blocks, count * P] -> column's [..., n_blocks, count]
+        grid = rows_of_p.reshape(*rows_of_p.shape[:-1], count, panel)
+        return jnp.take_along_axis(grid, jnp.broadcast_to(column[..., None], (*grid.shape[:-1], 1)), axis=-1)[..., 0]
+
+    codes = pick(blocks[..., : k.code_rows * panel], k.code_rows)
+    scale_bytes = blocks[..., k.code_rows * panel :].reshape(*blocks.shape[:-1], k.scales * panel, 4)
+    scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.float32)  # [..., n_blocks, scales * P]
+    scales = pick(scales, k.scales)  # [..., n_blocks, scales]
+    m = scales[..., 1:2] if k.scales == 2 else None
+    w = _values(k, codes, scales[..., 0:1], m, dtype)
+    return w.reshape(*rows.shape, -1)

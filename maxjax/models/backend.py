@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from maxjax import kernels
+from maxjax.kernels import quant
 
 REDUCE_MAX_ROWS = 16
 """Up to this many rows, a projection in XLA's CPU forms is a multiply-and-sum (see `XlaCpuForms`)."""
@@ -41,6 +42,9 @@ class XlaMatmul:
     packed: ClassVar[bool] = False
     """Whether the stored form differs from the checkpoint's [out, in] (then `pack` is not the identity and the
     weight cannot be handed to another layout)."""
+    custom_call: ClassVar[bool] = False
+    """Whether `apply` is a custom call, which XLA cannot partition: on a mesh it runs per shard
+    (`layers.project_per_shard`)."""
 
     def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
         return (d_out, d_in)
@@ -63,6 +67,12 @@ class XlaMatmul:
         """Rows `tokens` [...] of an embedding table stored in this layout -> [..., dim]."""
         return jnp.take(table, tokens, axis=0)
 
+    def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
+        """The layout a tensor held in GGUF's `blocks` takes on a backend of this layout: its blocks in a form this
+        device multiplies, or this float layout itself (dequantized at load) where it has none. XLA's generic
+        forms dequantize in the graph."""
+        return blocks if blocks.encoding in quant.KINDS else self
+
 
 @dataclass(frozen=True)
 class XlaCpuForms(XlaMatmul):
@@ -79,6 +89,10 @@ class XlaCpuForms(XlaMatmul):
             return jnp.sum(w[None, :, :] * flat, axis=-1).reshape(*x.shape[:-1], d_out)
         return super().apply(x, w, d_out)
 
+    def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
+        """Dequantized at load: XLA:CPU's float forms outrun its dequantize-in-the-graph ones."""
+        return self
+
 
 @dataclass(frozen=True)
 class CpuPanels:
@@ -90,6 +104,7 @@ class CpuPanels:
     panel: int
     """Output columns per panel: the loaded kernel's `Kernels.panel` (16 with AVX2, 32 with AVX-512)."""
     packed: ClassVar[bool] = True
+    custom_call: ClassVar[bool] = True
 
     def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
         return (-(-d_out // self.panel), d_in, self.panel)
@@ -108,13 +123,74 @@ class CpuPanels:
     def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
         return table[tokens // self.panel, :, tokens % self.panel]
 
+    def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
+        """The quantized kernel's panels, for the block types it multiplies."""
+        return CpuQuantPanels(blocks.encoding, self.panel) if blocks.encoding in quant.KINDS else self
 
-# Quantized layouts go here: codes + scales per encoding (e.g. Q8_0's int8 codes with one scale per 32 inputs,
-# Q4_K's nibbles with per-block scales and minimums), each with its own pack (the checkpoint's blocks -> codes
-# and scales) and apply (a kernel or XLA form that dequantizes inside the product). A layout with more than one
-# array will name its arrays (`Linear` holds one `kernel` today).
 
-WeightLayout = XlaMatmul | CpuPanels
+@dataclass(frozen=True)
+class GGUFBlocks:
+    """GGUF's quantized blocks as the file holds them, uint8 [out, in / 32 * block bytes] (a row's blocks along
+    `in`, scales inside), dequantized in the graph beside the matmul or lookup that uses them (XLA's forms,
+    `kernels/quant.dequantize_xla`): how GPU and TPU hold a quantized GGUF, and what `build_model` gives each
+    tensor the device multiplies in its blocks before `use_backend` moves it onto the device's own layout."""
+
+    encoding: str
+    """The block type (`kernels/quant.KINDS`: q8_0, q4_0, q4_1)."""
+    dtype: str = "float32"
+    """What the blocks are dequantized to (the model's serving dtype)."""
+    packed: ClassVar[bool] = True
+    custom_call: ClassVar[bool] = False
+
+    def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
+        kind = quant.KINDS[self.encoding]
+        return (d_out, d_in // quant.BLOCK * kind.block_bytes)
+
+    def axes(self, out_axis: str | None, in_axis: str | None) -> tuple[str | None, ...]:
+        """Rows split as the float weight's do; a row's bytes are never split (XLA gathers them where the input
+        axis is split)."""
+        return (out_axis, None)
+
+    def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
+        return CHECKPOINT_LAYOUT.apply(x, quant.dequantize_xla(self.encoding, w, x.dtype), d_out)
+
+    def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        return quant.dequantize_xla(self.encoding, jnp.take(table, tokens, axis=0), self.dtype)
+
+    def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
+        return blocks
+
+
+@dataclass(frozen=True)
+class CpuQuantPanels:
+    """GGUF's blocks repacked into panels for maxjax's quantized CPU projection kernel (`maxjax_qproject`,
+    kernels/qproject.cc; the layout in `kernels/quant.py`): uint8 [ceil(out / panel), in / 32, stride], the
+    codes dequantized in registers, so a step reads the file's bytes, not float32's. An embedding table in this
+    layout is looked up in place (`quant.panel_rows`), as `CpuPanels`' is."""
+
+    encoding: str
+    panel: int
+    packed: ClassVar[bool] = True
+    custom_call: ClassVar[bool] = True
+
+    def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
+        return (-(-d_out // self.panel), d_in // quant.BLOCK, quant.KINDS[self.encoding].stride(self.panel))
+
+    def axes(self, out_axis: str | None, in_axis: str | None) -> tuple[str | None, ...]:
+        """Panels are the output axis, blocks the input axis: either splits into whole panels or blocks."""
+        return (out_axis, in_axis, None)
+
+    def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
+        return quant.qproject(x, w, self.encoding, d_out)
+
+    def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
+        return quant.panel_rows(self.encoding, table, tokens, self.panel)
+
+    def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
+        return self
+
+
+WeightLayout = XlaMatmul | CpuPanels | GGUFBlocks | CpuQuantPanels
 """Every layout a `Linear` or `Embedding` can hold (frozen and hashable: a static attribute of the module)."""
 CHECKPOINT_LAYOUT = XlaMatmul()
 """[out, in] in XLA's generic forms: the layout modules are built with unless told otherwise."""
@@ -156,6 +232,11 @@ class Backend:
     pages."""
     shards: Shards | None = None
     """The mesh, where it has several devices (`ModelRunner` sets it): the CPU kernels then run per shard."""
+
+    def keeps(self, encoding: str) -> bool:
+        """Whether a GGUF tensor of `encoding` stays in its blocks on this backend (`WeightLayout.for_blocks`);
+        else it is dequantized at load."""
+        return encoding in quant.KINDS and self.weights.for_blocks(GGUFBlocks(encoding)) != self.weights
 
 
 def backend_for(platform: str, dtype: Any) -> Backend:

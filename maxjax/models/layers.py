@@ -33,9 +33,19 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from maxjax import kernels
-from maxjax.kernels import pallas_past
-from maxjax.models.backend import CHECKPOINT_LAYOUT, Backend, CpuPanels, PastKernel, Shards, WeightLayout
+from maxjax.kernels import pallas_past, quant
+from maxjax.models.backend import (
+    CHECKPOINT_LAYOUT,
+    Backend,
+    CpuPanels,
+    CpuQuantPanels,
+    GGUFBlocks,
+    PastKernel,
+    Shards,
+    WeightLayout,
+)
 from maxjax.models.config import RopeConfig
+from maxjax.weights.quantized import QuantizedRows
 
 Axes = tuple[str | None, str | None]
 """Logical names of a projection's [out, in] axes (`graph/mesh.py`)."""
@@ -76,7 +86,7 @@ class Linear(nnx.Module):
         """The mesh of several devices a packed kernel runs on per shard (`use_backend`); None: one device."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.shards is not None and self.layout.packed:
+        if self.shards is not None and self.layout.custom_call:
             y = project_per_shard(self.layout, self.shards, self.layout.axes(*self.axes), x, self.kernel[...],
                                   self.d_out)
         else:
@@ -86,8 +96,13 @@ class Linear(nnx.Module):
         return y
 
     def use_layout(self, layout: WeightLayout) -> None:
-        """Hold the kernel in `layout` from now on, packing it there (in place: the weights are never held twice)."""
+        """Hold the kernel in `layout` from now on, packing it there (in place: the weights are never held twice);
+        a kernel in GGUF's blocks takes the form `layout` multiplies them in (`WeightLayout.for_blocks`)."""
         self.layout = _relayout(self.kernel, self.layout, layout, self.axes)
+
+    def hold_blocks(self, blocks: QuantizedRows, dtype: jnp.dtype) -> None:
+        """Hold the kernel as GGUF's blocks (`GGUFBlocks`), from the [out, in] tensor kept in them."""
+        self.layout = _hold_blocks(self.kernel, blocks, dtype, self.axes)
 
 
 class Embedding(nnx.Module):
@@ -112,7 +127,7 @@ class Embedding(nnx.Module):
 
     def attend(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., dim] -> [..., vocab]."""
-        if self.shards is not None and self.layout.packed:
+        if self.shards is not None and self.layout.custom_call:
             return project_per_shard(self.layout, self.shards, self.layout.axes(*self.AXES), hidden,
                                      self.weight[...], self.vocab_size)
         return self.layout.apply(hidden, self.weight[...], self.vocab_size)
@@ -121,16 +136,41 @@ class Embedding(nnx.Module):
         """Hold the table in `layout` from now on, packing it there (in place)."""
         self.layout = _relayout(self.weight, self.layout, layout, self.AXES)
 
+    def hold_blocks(self, blocks: QuantizedRows, dtype: jnp.dtype) -> None:
+        """Hold the table as GGUF's blocks (`GGUFBlocks`)."""
+        self.layout = _hold_blocks(self.weight, blocks, dtype, self.AXES)
+
+
+def _hold_blocks(param: nnx.Param, blocks: QuantizedRows, dtype: jnp.dtype, axes: Axes) -> GGUFBlocks:
+    layout = GGUFBlocks(blocks.encoding, jnp.dtype(dtype).name)
+    assert blocks.blocks.shape == layout.shape(*blocks.shape), (blocks, layout)
+    param.set_metadata("out_sharding", layout.axes(*axes))
+    param.set_value(blocks.blocks)  # type: ignore[arg-type]
+    return layout
+
 
 def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout, axes: Axes) -> WeightLayout:
+    if isinstance(old, GGUFBlocks | CpuQuantPanels):  # blocks take the form `new`'s backend multiplies them in
+        new = new.for_blocks(old if isinstance(old, GGUFBlocks) else GGUFBlocks(old.encoding))
     if new == old:
         return new
     param.set_metadata("out_sharding", new.axes(*axes))
-    assert not old.packed, f"{old} cannot be repacked into {new}: pack from the checkpoint's [out, in] layout"
     w = param[...]
-    if new.packed:
-        packed = new.pack(np.asarray(w))
-        param.set_value(jax.device_put(packed, w.sharding) if isinstance(w, jax.Array) else packed)  # type: ignore[arg-type]
+    if isinstance(old, GGUFBlocks):  # the file's rows: repacked for the kernel, or dequantized at load
+        raw = np.asarray(w)
+        out, d_in = raw.shape[0], raw.shape[1] // quant.KINDS[old.encoding].block_bytes * quant.BLOCK
+        if isinstance(new, CpuQuantPanels):
+            value = quant.repack(old.encoding, raw, out, d_in, new.panel)
+        else:
+            dense = quant.dequantize(old.encoding, raw, out, d_in).astype(old.dtype, copy=False)
+            value = new.pack(dense) if isinstance(new, CpuPanels) else dense
+    else:
+        assert not old.packed, f"{old} cannot be repacked into {new}: pack from the checkpoint's [out, in] layout"
+        assert not isinstance(new, GGUFBlocks | CpuQuantPanels), f"float weights cannot be held as {new}"
+        if not isinstance(new, CpuPanels):
+            return new
+        value = new.pack(np.asarray(w))
+    param.set_value(jax.device_put(value, w.sharding) if isinstance(w, jax.Array) else value)  # type: ignore[arg-type]
     return new
 
 
@@ -141,7 +181,7 @@ def project_per_shard(layout: WeightLayout, shards: Shards, axes: tuple[str | No
     device computes its own, a whole number of panels, and the shards concatenate into the padded output.
     Inputs split (the output projection, down): each device multiplies its slice of x, and the partial sums are
     added across the devices. Neither (a replicated weight: the tied LM head): every device computes it all."""
-    assert isinstance(layout, CpuPanels), f"{layout} has no per-shard projection"
+    assert isinstance(layout, CpuPanels | CpuQuantPanels), f"{layout} has no per-shard projection"
     out_axis, in_axis = shards.axis(axes[0]), shards.axis(axes[1])
     assert out_axis is None or in_axis is None, f"a weight split on both axes ({axes}) is not supported"
     lead = (None,) * (x.ndim - 1)
