@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -346,18 +346,22 @@ class ModelRunner:
             self._store.prune()
         return WarmUp(time.perf_counter() - start, compiled=len(build), cached=cached)
 
-    def load_cached(self, *, threads: int = 1, wait: bool = False) -> None:
-        """Deserialize every executable warm-up found in the compile cache, on `threads` background threads (a
-        step that needs one first loads it itself); with `wait`, return once all are loaded. Smallest steps
-        first: what a new server runs first."""
-        if self._loads is None or not self._pending:
-            return
+    def load_cached(self, *, threads: int = 1, wait: bool = False, only: Callable[[Entry], bool] | None = None,
+                    nice: int = 0) -> int:
+        """Deserialize the executables warm-up found in the compile cache and not loaded yet (those `only` picks,
+        else all), on `threads` background threads (a step that needs one first loads it itself); with `wait`,
+        return once they are loaded. `nice` 19 loads them at the lowest priority, yielding the cores to the
+        steps that serve. Smallest steps first: what a new server runs first. Returns how many were started."""
+        if self._loads is None:
+            return 0
         kinds = list(self._graphs)
-        order = sorted(self._pending, key=lambda e: (kinds.index(e[0]), self._graphs[e[0]].cost(e[1])))
-        workers = self._loads.start(order, self._executables.__setitem__, threads=threads)
+        order = sorted((e for e in self._pending if e not in self._executables and (only is None or only(e))),
+                       key=lambda e: (kinds.index(e[0]), self._graphs[e[0]].cost(e[1])))
+        workers = self._loads.start(order, self._executables.__setitem__, threads=threads, nice=nice)
         if wait:
             for worker in workers:
                 worker.join()
+        return len(order)
 
     def _key(self, entry: Entry) -> tuple[str, dict[str, Any]]:
         """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device kind,

@@ -14,8 +14,6 @@
 // -march=native; maxjax falls back to XLA's own forms where it cannot build it.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <utility>
 
 #include "panel.h"
 #include "parallel.h"
@@ -25,60 +23,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Lanes per vector, vectors per panel row (NV) and rows per tile (MR): MR * NV accumulators + NV weight vectors
-// + 1 broadcast must fit the register file (AVX2 16, AVX-512 and NEON 32).
-using maxjax::kLanes, maxjax::kNV, maxjax::kPanel, maxjax::Vec;
-#if defined(__AVX512F__)
-constexpr int kMR = 12;
-#elif defined(__AVX__)
-constexpr int kMR = 6;
-#elif defined(__aarch64__)
-constexpr int kMR = 6;
-#else
-constexpr int kMR = 4;
-#endif
-constexpr int64_t kPrefetchFloats = 1024;  // 4 KiB ahead in the panel stream (none: 10-20% slower at 8 rows)
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-// y[r, 0:cols) for r < R: R rows of x (stride n_in) times one panel wp [n_in, kPanel]; y's row stride n_out.
-template <int R>
-void tile(const float* x, const float* wp, float* y, int64_t n_in, int64_t n_out, int cols) {
-  Vec acc[R][kNV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kNV; ++v) acc[r][v] = Vec{};
-  for (int64_t i = 0; i < n_in; ++i) {
-    const float* row = wp + i * kPanel;
-    Vec wv[kNV];
-    for (int v = 0; v < kNV; ++v) wv[v] = load(row + v * kLanes);
-    __builtin_prefetch(row + kPrefetchFloats, 0, 3);
-    for (int r = 0; r < R; ++r) {
-      const float xs = x[r * n_in + i];  // vector * scalar broadcasts it (`Vec{} + xs` would add a real 0.0)
-      for (int v = 0; v < kNV; ++v) acc[r][v] += wv[v] * xs;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (cols == kPanel) {
-      std::memcpy(y + r * n_out, acc[r], sizeof(acc[r]));
-    } else {
-      float full[kPanel];
-      std::memcpy(full, acc[r], sizeof(full));
-      std::memcpy(y + r * n_out, full, cols * sizeof(float));
-    }
-  }
-}
-
-using TileFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int);
-
-template <int... Rs>
-TileFn tile_for(int rows, std::integer_sequence<int, Rs...>) {
-  static constexpr TileFn fns[] = {tile<Rs + 1>...};
-  return fns[rows - 1];
-}
+using maxjax::kPanel;
 
 ffi::Error Project(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y) {
@@ -95,17 +40,10 @@ ffi::Error Project(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // One panel an item; its rows in tiles of nearly equal size (8 rows: 4 + 4, not 6 + 2: a 2-row tile waits on
-  // its few sums).
+  // One panel an item (panel.h's float tile).
   maxjax::parallel_for(pool, (n_out + kPanel - 1) / kPanel, [=](int64_t p) {
     const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
-    const int64_t tiles = (rows + kMR - 1) / kMR;
-    for (int64_t t = 0, r = 0; t < tiles; ++t) {
-      int n = static_cast<int>((rows - r) / (tiles - t));
-      tile_for(n, std::make_integer_sequence<int, kMR>{})(xp + r * n_in, wp + p * n_in * kPanel,
-                                                          yp + r * n_out + p * kPanel, n_in, n_out, cols);
-      r += n;
-    }
+    maxjax::float_panel_product(xp, wp + p * n_in * kPanel, yp + p * kPanel, rows, n_in, n_out, cols);
   });
   return ffi::Error::Success();
 }

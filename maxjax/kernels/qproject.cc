@@ -53,6 +53,9 @@ constexpr int kMR = 4;
 constexpr int kMR = 2;
 #endif
 constexpr int kBlock = 32;
+// Above this many rows the codes are dequantized once per panel into float32 (`dequantize_panel`) for
+// panel.h's float tile; at or below, each tile widens them in registers. KDEQ
+constexpr int64_t kDequantizeAbove = 2 * kMR;
 constexpr int64_t kPrefetchBytes = 2048;
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -196,10 +199,59 @@ TileFn tile_for(int rows, std::integer_sequence<int, Rs...>) {
   return fns[rows - 1];
 }
 
+// Panel wp's weights dequantized into out [n_in, kPanel] float32, exactly as ggml decodes them (d q, (q - 8) d,
+// d q + m): the float panel project.cc multiplies.
+template <int64_t K>
+void dequantize_panel(const uint8_t* wp, float* out, int64_t blocks) {
+  using F = Format<K>;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = wp + b * F::kStride;
+    const uint8_t* scales = codes + F::kCodeRows * kPanel;
+    float* ob = out + b * kBlock * kPanel;
+    for (int v = 0; v < kNV; ++v) {
+      const Vec d = load<Vec>(scales + v * sizeof(Vec));
+      Vec m = Vec{};
+      if (K == kQ4_1) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+      for (int k = 0; k < F::kCodeRows; ++k) {
+        const uint8_t* row = codes + k * kPanel + v * kLanes;
+        if (K == kQ8_0) {
+          const Vec w = to_float(widen_s8(row)) * d;
+          std::memcpy(ob + k * kPanel + v * kLanes, &w, sizeof(Vec));
+        } else {
+          const IVec q = widen_u8(row);
+          Vec lo, hi;
+          if (K == kQ4_0) {
+            lo = to_float((q & 15) - 8) * d;
+            hi = to_float((q >> 4) - 8) * d;
+          } else {
+            lo = to_float(q & 15) * d + m;
+            hi = to_float(q >> 4) * d + m;
+          }
+          std::memcpy(ob + k * kPanel + v * kLanes, &lo, sizeof(Vec));
+          std::memcpy(ob + (k + 16) * kPanel + v * kLanes, &hi, sizeof(Vec));
+        }
+      }
+    }
+  }
+}
+
 template <int64_t K>
 void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, int64_t rows, int64_t n_in,
          int64_t n_out) {
   const int64_t blocks = n_in / kBlock, panel_bytes = blocks * Format<K>::kStride;
+  const int64_t panels = (n_out + kPanel - 1) / kPanel;
+  if (rows > kDequantizeAbove) {
+    // Many rows (prefill, large batches): each panel dequantized once into a float panel that stays in L2 while
+    // every tile of rows multiplies it, instead of widening its codes again for every tile.
+    maxjax::parallel_for(pool, panels, [=](int64_t p) {
+      thread_local std::vector<float> panel;
+      panel.resize(n_in * kPanel);
+      dequantize_panel<K>(wp + p * panel_bytes, panel.data(), blocks);
+      const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
+      maxjax::float_panel_product(xp, panel.data(), yp + p * kPanel, rows, n_in, n_out, cols);
+    });
+    return;
+  }
   std::vector<float> sums(K == kQ8_0 ? 0 : rows * blocks);  // each row's sum over each block
   for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
     const float* xs = xp + i * kBlock;
@@ -209,7 +261,7 @@ void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, i
   }
   const float* sx = sums.data();
   // One panel an item; its rows in tiles of nearly equal size, as project.cc.
-  maxjax::parallel_for(pool, (n_out + kPanel - 1) / kPanel, [=](int64_t p) {
+  maxjax::parallel_for(pool, panels, [=](int64_t p) {
     const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
     const int64_t tiles = (rows + kMR - 1) / kMR;
     for (int64_t t = 0, r = 0; t < tiles; ++t) {

@@ -1,6 +1,7 @@
 """`max serve`: bind the port, then load, compile every bucket and start the engine thread in the background.
 
-`/health` answers 503 until the last bucket is compiled, so a ready server never compiles while serving.
+`/health` answers 503 until the last bucket is compiled (or found in the compile cache) and the decode steps are
+loaded, so a ready server never compiles while serving.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from maxjax.config import PipelineConfig
 from maxjax.devices import DeviceSpec
@@ -63,14 +64,19 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
             checkpoint.tokenizer.set_chat_template(template)
         core, report = build_engine(checkpoint, devices, config, max_queue=config.server.max_queue_size,
                                     parts=parts)
-        # Ready means ready: every executable deserialized now (on every core), not under the first requests,
-        # and the decode steps, which every request runs, have had their first runs. The KV pool is zeroed by
-        # then where it is not only reserved.
-        core.runner.load_cached(threads=os.cpu_count() or 1, wait=True)
-        parts.done(f"{report.cached} executables loaded")
+        # Ready means ready: the decode steps, which every request runs, deserialized now (on every core) and
+        # given their first runs; the other executables go on loading at the lowest priority, so they cost the
+        # first requests nothing (a step that needs one before it is loaded loads it itself, once). The KV pool
+        # is zeroed by then where it is not only reserved.
+        threads = os.cpu_count() or 1
+        loaded = core.runner.load_cached(threads=threads, wait=True, only=_decode_step)
+        parts.done(f"{loaded} decode executables loaded")
         core.first_runs(decode_only=True)
         jax.block_until_ready(core.runner.cache)
         parts.done("decode first runs")
+        later = core.runner.load_cached(threads=threads, nice=19)
+        if later:
+            log.info("loading the other %d executables in the background, at the lowest priority", later)
         state.metrics.set_kv_pages_total(core.scheduler.pages.num_pages - 1)
         engine = AsyncEngine(core, model_name=state.model_name, metrics=state.metrics, on_fatal=state.fatal)
         state.serves_embeddings = config.server.task == "embed" or (
@@ -79,6 +85,12 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         log.info("ready %.1f s after start: %s", time.perf_counter() - started, parts)
 
     serve(config.server, load, state=state)
+
+
+def _decode_step(entry: tuple[str, Any]) -> bool:
+    """A runner entry (`graph/runner.Entry`) that is a decode step: one token a row."""
+    kind, shape = entry
+    return kind == "step" and shape[1] == 1
 
 
 def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | None,
