@@ -326,3 +326,17 @@ def test_a_memory_bound_pool_rounds_to_whole_sequences_so_warm_starts_still_hit(
     assert pages(64 << 30) == 32 * 512 + 1  # everything fits: exactly what 32 full sequences need
     assert pages(5000 << 20) == 9 * 512 + 1  # 4999 affordable pages: 9 whole sequences
     assert {pages((5000 << 20) + jitter) for jitter in range(-100 << 20, 100 << 20, 7 << 20)} == {9 * 512 + 1}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_background_loads_run_at_the_lowest_priority(store: ExecutableStore) -> None:
+    """What a ready server loads after /health is 200 (`load_cached(nice=19)`) yields the cores to serving."""
+    store.save("a", {}, _compiled())
+    priorities: list[int] = []
+
+    def on_loaded(name: Any, executable: Any) -> None:
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    for worker in PendingLoads(store, {("step", 0): "a"}).start([("step", 0)], on_loaded, nice=19):
+        worker.join()
+    assert priorities == [19]
