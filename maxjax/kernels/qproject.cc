@@ -131,7 +131,7 @@ template <int64_t K, int R>
 void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t n_in, int64_t n_out, int cols) {
   using F = Format<K>;
   // Independent partial sums per accumulator: FMA latency x FMA ports (4 x 2) chains must be in flight.
-  constexpr int S = R * kNV >= 8 ? 1 : 2;
+  constexpr int S = R * kNV >= 8 ? 1 : R * kNV >= 4 ? 2 : 4;
   const int64_t blocks = n_in / kBlock;
   Vec acc[R][kNV];
   for (int r = 0; r < R; ++r)
@@ -145,28 +145,34 @@ void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t 
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < kNV; ++v) part[s][r][v] = Vec{};
     const float* xb = x + b * kBlock;
-    for (int k = 0; k < F::kCodeRows; ++k) {
-      const uint8_t* row = codes + k * kPanel;
-      // The codes first, then row by row: one row's broadcasts live at a time (AVX2 has 16 registers).
-      if (K == kQ8_0) {
-        Vec w[kNV];
-        for (int v = 0; v < kNV; ++v) w[v] = to_float(widen_s8(row + v * kLanes));
-        for (int r = 0; r < R; ++r) {
-          const float xs = xb[r * n_in + k];
-          for (int v = 0; v < kNV; ++v) part[k % S][r][v] += w[v] * xs;
-        }
-      } else {
-        Vec lo[kNV], hi[kNV];
-        for (int v = 0; v < kNV; ++v) {
-          const IVec q = widen_u8(row + v * kLanes);
-          lo[v] = to_float(q & 15);
-          hi[v] = to_float(q >> 4);
-        }
-        for (int r = 0; r < R; ++r) {
-          const float x0 = xb[r * n_in + k], x1 = xb[r * n_in + k + 16];
+    // k steps by S with s unrolled, so each partial sum is a register (indexing them by k % S kept them on the
+    // stack: 2-3x slower at one row).
+    for (int k0 = 0; k0 < F::kCodeRows; k0 += S) {
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        const int k = k0 + s;
+        const uint8_t* row = codes + k * kPanel;
+        // The codes first, then row by row: one row's broadcasts live at a time (AVX2 has 16 registers).
+        if (K == kQ8_0) {
+          Vec w[kNV];
+          for (int v = 0; v < kNV; ++v) w[v] = to_float(widen_s8(row + v * kLanes));
+          for (int r = 0; r < R; ++r) {
+            const float xs = xb[r * n_in + k];
+            for (int v = 0; v < kNV; ++v) part[s][r][v] += w[v] * xs;
+          }
+        } else {
+          Vec lo[kNV], hi[kNV];
           for (int v = 0; v < kNV; ++v) {
-            part[0][r][v] += lo[v] * x0;
-            part[S - 1][r][v] += hi[v] * x1;
+            const IVec q = widen_u8(row + v * kLanes);
+            lo[v] = to_float(q & 15);
+            hi[v] = to_float(q >> 4);
+          }
+          for (int r = 0; r < R; ++r) {
+            const float x0 = xb[r * n_in + k], x1 = xb[r * n_in + k + 16];
+            for (int v = 0; v < kNV; ++v) {
+              part[(2 * s) % S][r][v] += lo[v] * x0;
+              part[(2 * s + 1) % S][r][v] += hi[v] * x1;
+            }
           }
         }
       }
@@ -178,7 +184,7 @@ void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t 
       if (K == kQ4_0) m = d * -8.0f;
       for (int r = 0; r < R; ++r) {
         Vec sum = part[0][r][v];
-        if (S == 2) sum += part[S - 1][r][v];
+        for (int t = 1; t < S; ++t) sum += part[t][r][v];
         acc[r][v] += sum * d;
         if (K != kQ8_0) acc[r][v] += m * sx[r * blocks + b];
       }
