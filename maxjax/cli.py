@@ -241,10 +241,12 @@ def warm_cache(model: str | None, revision: str | None, quantization_encoding: s
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @custom_architectures_option
 def list_architectures(as_json: bool, custom_architectures: tuple[str, ...]) -> None:
-    """The architectures maxjax serves: encodings (default first) and example models."""
+    """The architectures maxjax serves: encodings (default first; * run in their blocks, not dequantized) and
+    example models."""
     import json
 
     from maxjax.custom import registry_with
+    from maxjax.weights.encodings import IN_BLOCKS
 
     registry = registry_with(custom_architectures)
     entries = [registry.get(name) for name in registry.names()]
@@ -253,16 +255,20 @@ def list_architectures(as_json: bool, custom_architectures: tuple[str, ...]) -> 
             "name": a.name,
             "default_encoding": a.default_encoding,
             "supported_encodings": list(a.supported_encodings),
+            "in_blocks_encodings": list(IN_BLOCKS),
             "gguf_architectures": list(a.gguf_architectures),
             "example_repo_ids": list(a.example_repo_ids),
         } for a in entries]}, indent=2))
         return
     rows = [("ARCHITECTURE", "ENCODINGS", "GGUF", "EXAMPLES")] + [(
         a.name,
-        ", ".join(dict.fromkeys([a.default_encoding, *a.supported_encodings])),
+        ", ".join(e + "*" * (e in IN_BLOCKS) for e in dict.fromkeys([a.default_encoding, *a.supported_encodings,
+                                                                   *IN_BLOCKS])),
         ", ".join(a.gguf_architectures) or "-",
         ", ".join(a.example_repo_ids) or "-",
     ) for a in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    click.echo("\n* multiplied in their blocks on CPU (maxjax's kernel) and GPU/TPU (dequantized beside the matmul); "
+               "a float checkpoint is quantized to them at load with --quantization-encoding")

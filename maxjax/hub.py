@@ -17,7 +17,8 @@ without downloading the file, so there the file names pick which files to downlo
 as for a local directory.
 
 A directory with both safetensors and GGUF weights serves the safetensors unless a quantized encoding is asked
-for.
+for. Float safetensors can be asked for in a block type the devices multiply (`encodings.IN_BLOCKS`: q8_0, q4_0,
+q4_1): the weights are quantized at load.
 """
 
 from __future__ import annotations
@@ -180,12 +181,12 @@ def _from_checkpoint(
     if (
         wanted is not None
         and wanted != stored
-        and not (encodings.is_float(wanted) and encodings.is_float(stored))
+        and not (encodings.is_float(stored) and (encodings.is_float(wanted) or wanted in encodings.IN_BLOCKS))
     ):
-        offered = [stored, *encodings.FLOAT_ENCODINGS] if encodings.is_float(stored) else [stored]
+        offered = [stored, *encodings.FLOAT_ENCODINGS, *encodings.IN_BLOCKS] if encodings.is_float(stored) else [stored]
         raise UserError(
             f"--quantization-encoding {wanted}: {name} holds {stored} safetensors weights, which can be served as "
-            f"{', '.join(dict.fromkeys(offered))}; pick one of those, or a GGUF model for quantized encodings"
+            f"{', '.join(dict.fromkeys(offered))}; pick one of those, or a GGUF model for other quantized encodings"
         )
     return ResolvedModel(
         kind="hf",

@@ -106,6 +106,11 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
     np_dtype = np.dtype(jnp.dtype(dtype))
     backend = backend_for(platform, dtype)
     keep = () if resolved.needs_conversion else [e for e in quant.KINDS if backend.keeps(e)]
+    quantize_to = resolved.encoding if resolved.needs_conversion and resolved.encoding in quant.KINDS else None
+    if quantize_to and not backend.keeps(quantize_to):
+        log.warning("%s: this device has no form that multiplies %s blocks; serving %s weights instead",
+                    resolved.name, quantize_to, jnp.dtype(dtype).name)
+        quantize_to = None
 
     def get_cast(name: str) -> np.ndarray:
         w = get(name, keep)
@@ -113,7 +118,10 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
 
     params = arch.load_params(config, get_cast)
     abstract = nnx.eval_shape(lambda: arch.model_class(config, dtype))
-    blocks = _set_aside_blocks(params, _blocks_holders(abstract), np_dtype)
+    holders = _blocks_holders(abstract)
+    if quantize_to:
+        _quantize(params, holders, quantize_to)
+    blocks = _set_aside_blocks(params, holders, np_dtype)
     graphdef, state = nnx.split(abstract)
     expected = {path: (leaf.shape, leaf.dtype) for path, leaf in _flat(state)}
     try:
@@ -146,6 +154,24 @@ def _blocks_holders(model: nnx.Module) -> dict[tuple[str, ...], Any]:
         if isinstance(node, Linear | Embedding):
             holders[(*map(str, where), "kernel" if isinstance(node, Linear) else "weight")] = node
     return holders
+
+
+def _quantize(params: dict[str, Any], holders: Container[tuple[str, ...]], encoding: str,
+              prefix: tuple[str, ...] = ()) -> None:
+    """Quantize (in place) every float matrix of `params` a module can hold in blocks to `encoding`'s blocks, as
+    llama.cpp's quantizer does (gguf-py's): `--quantization-encoding q8_0` for a float checkpoint."""
+    import gguf
+
+    from maxjax.kernels import quant
+
+    ggml_type = quant.KINDS[encoding].ggml_type
+    for key, value in params.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict):
+            _quantize(value, holders, encoding, path)
+        elif path in holders and value.ndim == 2 and value.shape[-1] % quant.BLOCK == 0:
+            blocks = gguf.quants.quantize(np.asarray(value, np.float32), gguf.GGMLQuantizationType(ggml_type))
+            params[key] = QuantizedRows(ggml_type, blocks, value.shape[-1])
 
 
 def _set_aside_blocks(params: dict[str, Any], holders: Container[tuple[str, ...]], dtype: np.dtype[Any],

@@ -86,15 +86,19 @@ def test_max_list_json_names_every_architecture() -> None:
     for entry in entries.values():
         assert entry["example_repo_ids"] and entry["default_encoding"] in entry["supported_encodings"] + ["bfloat16"]
         assert "float32" in entry["supported_encodings"]
+        assert entry["in_blocks_encodings"] == ["q8_0", "q4_0", "q4_1"]  # every architecture runs them quantized
     assert entries["Qwen3ForCausalLM"]["gguf_architectures"] == ["qwen3"]
 
 
 def test_max_list_table_with_a_custom_architecture() -> None:
     result = CliRunner().invoke(main, ["list", "--custom-architectures", f"{CUSTOM}:my_arch"])
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    table, footnote = result.output.split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:2] == ["ARCHITECTURE", "ENCODINGS"]
     rows = {line.split()[0]: line for line in lines[1:]}
+    assert "q4_1*" in rows["LlamaForCausalLM"] and "q4_k*" not in rows["LlamaForCausalLM"]
+    assert footnote.startswith("* multiplied in their blocks")
     assert set(rows) == BUILTINS | {"MyLlamaForCausalLM"}
     assert "example/my-llama" in rows["MyLlamaForCausalLM"]
 

@@ -88,6 +88,26 @@ def test_quantized_kernel_and_xla_forms_match_dequantized_at_load(
     assert np.abs(want - reference(family)[1]["logits"]).max() > 10 * TOLERANCE
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_float_checkpoint_quantized_at_load_equals_the_gguf(written: dict[tuple[str, str], Path], kind: str) -> None:
+    """`--quantization-encoding q8_0` on a float checkpoint: the blocks llama.cpp's quantizer writes into a GGUF
+    of the same weights, served the same way."""
+    record, arrays = reference("llama")
+    loaded = load_model(resolve_model(str(FIXTURES / "llama"), quantization_encoding=kind.lower()), platform="cpu")
+    assert {h.layout for h in holders(loaded)} == {GGUFBlocks(kind.lower())}
+    got = paged_logits(loaded, arrays["tokens"], record["prefill_chunks"])
+    want, _ = logits(written[("llama", kind)], None)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.abs(got - arrays["logits"]).max() > 10 * TOLERANCE  # quantized: not the float checkpoint's logits
+
+
+def test_in_blocks_are_the_kernels_kinds() -> None:
+    from maxjax.kernels import quant
+    from maxjax.weights import encodings
+
+    assert tuple(quant.KINDS) == encodings.IN_BLOCKS
+
+
 def test_rows_move_in_their_blocks() -> None:
     """The adapters' row moves (Q/K un-permute, Q/K/V and gate/up fusion, a fused tensor's split) keep the
     blocks; anything else sees the tensor dequantized, so it is never wrong."""
