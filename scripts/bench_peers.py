@@ -6,7 +6,8 @@
    token ids, so both servers see exactly N): seconds to the whole answer.
 
 Each server runs alone (they share the cores): llama.cpp's through `../shared/bench/llama_server.sh` (built
-once, about 8 minutes on 2 cores), then `max serve` with its defaults (run `max warm-cache` first, or the
+once, about 8 minutes on 2 cores; 32 slots sharing 16,384 tokens of context for the chat table, one slot for the
+long prompts, since its slots split the context), then `max serve` with its defaults (run `max warm-cache` first, or the
 first requests pay for compiles). The tables print ratios maxjax / llama.cpp.
 
   .venv/bin/python scripts/bench_peers.py [--model PATH.gguf] [--concurrency 1,8,16,32] [--prompt-lens 500,1500,5000]
@@ -95,10 +96,15 @@ def completion_seconds(port: int, ids: list[int]) -> float:
 
 
 def measure(name: str, command: list[str], port: int, args: argparse.Namespace, prompts: dict[int, list[int]],
-            scratch: Path) -> dict[str, Any]:
+            scratch: Path, alone: list[str] | None = None) -> dict[str, Any]:
+    """Both tables against the server `command` starts; the long prompts against `alone` instead where given (a
+    server configured for one request: llama.cpp divides its context among its slots)."""
     process = start(command, port, scratch / f"{name}.log")
     try:
         levels = chat_table(port, args.concurrency, args.num_requests, scratch / f"{name}.json")
+        if alone is not None:
+            stop(process)
+            process = start(alone, port, scratch / f"{name}-alone.log")
         completion_seconds(port, prompts[min(prompts)][:32])  # one small request first: nothing cold is timed
         seconds = {n: completion_seconds(port, ids) for n, ids in prompts.items()}
     finally:
@@ -123,9 +129,10 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     results: dict[str, Any] = {}
     if not args.skip_llama:
-        env_ctx = str(max(16384, 2 * max(lengths)))
-        results["llama.cpp"] = measure("llama", ["env", f"CTX={env_ctx}", str(LLAMA_SCRIPT), str(model), "8102", "32"],
-                                       8102, args, prompts, scratch)
+        alone_ctx = str(max(lengths) + 64)
+        results["llama.cpp"] = measure("llama", [str(LLAMA_SCRIPT), str(model), "8102", "32"], 8102, args, prompts,
+                                       scratch, alone=["env", f"CTX={alone_ctx}", str(LLAMA_SCRIPT), str(model), "8102",
+                                                       "1"])
     results["maxjax"] = measure("maxjax", [str(MAX), "serve", "--model", str(model), "--port", "8103"], 8103, args,
                                 prompts, scratch)
     print_tables(results)
