@@ -1,8 +1,11 @@
 """The quantized projection kernel (maxjax/kernels/qproject.cc, repacked by kernels/quant.py): the product of
-float32 rows with GGUF's Q8_0, Q4_0 and Q4_1 blocks equals the product with the blocks dequantized as ggml does."""
+float32 rows with GGUF's Q8_0, Q4_0 and Q4_1 blocks equals the product with the blocks dequantized as ggml does,
+to float32's rounding; with int8 activations (Q4_*, where the build has them: `Kernels.int8`), to within the
+error of rounding x to int8, bounded per block (`int8_bound`), and equal to that rounding done in NumPy."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import jax
@@ -32,29 +35,53 @@ def random_blocks(kind: str, out: int, in_: int, seed: int) -> np.ndarray:
     return blocks.reshape(out, -1)
 
 
-def check(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
-    """y = x @ w.T to 1e-4 of the sum of the terms' magnitudes (float32 sums, in another order)."""
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, int8: bool = False) -> None:
+    """y = x @ w.T to 1e-4 of the sum of the terms' magnitudes (float32 sums, in another order); with `int8`,
+    also to `int8_bound`, and to 1e-4 of x rounded as the kernel rounds it, times w."""
     expected = x.astype(np.float64) @ w.T.astype(np.float64)
     bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64))
     assert y.shape == expected.shape
+    if int8:
+        assert np.all(np.abs(y - expected) <= bound + int8_bound(x, w)), np.abs(y - expected).max()
+        expected = rounded(x).astype(np.float64) @ w.T.astype(np.float64)
     assert np.all(np.abs(y - expected) <= bound), np.abs(y - expected).max()
 
 
-project = jax.jit(quant.qproject, static_argnums=(2, 3))
+def rounded(x: np.ndarray) -> np.ndarray:
+    """x as the kernel rounds it: per block of 32, dx = max |x| / 127, x ~ dx round(x / dx)."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0)
+    return (np.rint(blocks * scale) * (amax / np.float32(127))).reshape(x.shape)
+
+
+def int8_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """|y - x w^T| where x is rounded to int8 (each x_i off by at most dx / 2 of its block): at most the sum over
+    blocks of dx / 2 * sum_i |w_i|."""
+    rows, n_in = x.shape
+    dx = np.abs(x.reshape(rows, n_in // 32, 32)).max(axis=-1) / 127  # [rows, blocks]
+    per_block = np.abs(w.astype(np.float64)).reshape(w.shape[0], n_in // 32, 32).sum(axis=-1)  # [out, blocks]
+    return (dx / 2) @ per_block.T
+
+
+project = jax.jit(quant.qproject, static_argnums=(2, 3, 4))
 
 
 def test_repack_layout() -> None:
-    """Panel p, block b: the P columns' codes [rows][P], then d [P] (and m [P]) as float32; the last panel's
-    missing columns zero."""
+    """Panel p, block b: the P columns' codes ([rows][P], or [rows / 4][P][4] for int8 activations), then d [P]
+    (and m [P]) as float32; the last panel's missing columns zero."""
     out, in_, panel = 5, 64, 4
-    for kind, k in quant.KINDS.items():
+    for (kind, k), int8 in itertools.product(quant.KINDS.items(), (False, True)):
         raw = random_blocks(kind, out, in_, seed=k.ggml_type)
         blocks = raw.reshape(out, 2, k.block_bytes)
-        packed = quant.repack(kind, raw, out, in_, panel)
+        packed = quant.repack(kind, raw, out, in_, panel, int8)
+        g = quant.group(kind, int8)
+        assert g == (4 if int8 and kind != "q8_0" else 1)
         assert packed.shape == (2, 2, k.stride(panel)) and packed.dtype == np.uint8
         for o in range(2 * panel):
             for b in range(2):
-                codes = packed[o // panel, b, : k.code_rows * panel].reshape(k.code_rows, panel)[:, o % panel]
+                grid = packed[o // panel, b, : k.code_rows * panel].reshape(k.code_rows // g, panel, g)
+                codes = grid[:, o % panel, :].reshape(-1)
                 scales = packed[o // panel, b, k.code_rows * panel :].view("<f4").reshape(k.scales, panel)
                 if o < out:
                     np.testing.assert_array_equal(codes, blocks[o, b, 2 * k.scales :])
@@ -66,12 +93,17 @@ def test_repack_layout() -> None:
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 70])
 @pytest.mark.parametrize(("out", "in_"), [(37, 96), (200, 576), (5, 1536)])
-@pytest.mark.parametrize("kind", list(quant.KINDS))
-def test_qproject_matches_dequantized(built: kernels.Kernels, kind: str, rows: int, out: int, in_: int) -> None:
+@pytest.mark.parametrize(("kind", "int8"), [("q8_0", False), ("q4_0", False), ("q4_1", False), ("q4_0", True),
+                                            ("q4_1", True)])
+def test_qproject_matches_dequantized(built: kernels.Kernels, kind: str, int8: bool, rows: int, out: int,
+                                      in_: int) -> None:
+    if int8 and not built.int8:
+        pytest.skip("this build has no int8 path (AVX2 or AVX-512 only)")
     raw = random_blocks(kind, out, in_, seed=rows * 1000 + out)
     x = np.random.default_rng(rows).standard_normal((rows, in_)).astype(np.float32)
-    y = np.asarray(project(x, quant.repack(kind, raw, out, in_, built.panel), kind, out))
-    check(y, x, quant.dequantize(kind, raw, out, in_))
+    x[:, ::41] *= 30  # outliers, as real activations have: the blocks that hold one round the rest coarsely
+    y = np.asarray(project(x, quant.repack(kind, raw, out, in_, built.panel, int8), kind, out, int8))
+    check(y, x, quant.dequantize(kind, raw, out, in_), int8)
 
 
 def test_leading_axes_and_the_graph(built: kernels.Kernels) -> None:
@@ -80,8 +112,8 @@ def test_leading_axes_and_the_graph(built: kernels.Kernels) -> None:
     raw = random_blocks("q4_1", out, in_, seed=7)
     packed = quant.repack("q4_1", raw, out, in_, built.panel)
     x = np.random.default_rng(7).standard_normal((2, 3, in_)).astype(np.float32)
-    assert kernels.QUANT_TARGET in project.lower(x, packed, "q4_1", out).as_text()
-    y = np.asarray(project(x, packed, "q4_1", out))
+    assert kernels.QUANT_TARGET in project.lower(x, packed, "q4_1", out, False).as_text()
+    y = np.asarray(project(x, packed, "q4_1", out, False))
     assert y.shape == (2, 3, out)
     check(y.reshape(6, out), x.reshape(6, in_), quant.dequantize("q4_1", raw, out, in_))
 
@@ -108,5 +140,5 @@ def test_real_tensor(built: kernels.Kernels, name: str) -> None:
     w = quant.dequantize(info.encoding, raw, out, in_)
     np.testing.assert_array_equal(w, f.tensor(name))
     x = np.random.default_rng(0).standard_normal((3, in_)).astype(np.float32)
-    y = np.asarray(project(x, quant.repack(info.encoding, raw, out, in_, built.panel), info.encoding, out))
+    y = np.asarray(project(x, quant.repack(info.encoding, raw, out, in_, built.panel), info.encoding, out, False))
     check(y, x, w)

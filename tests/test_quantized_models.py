@@ -22,7 +22,7 @@ import safetensors.numpy
 
 from maxjax import kernels
 from maxjax.hub import resolve_model
-from maxjax.models.backend import Backend, CpuQuantPanels, GGUFBlocks, backend_for
+from maxjax.models.backend import Backend, CpuPanels, CpuQuantPanels, GGUFBlocks, backend_for
 from maxjax.models.layers import Embedding, Linear
 from maxjax.pipeline import LoadedModel, load_model
 from maxjax.weights.quantized import QuantizedRows
@@ -86,6 +86,26 @@ def test_quantized_kernel_and_xla_forms_match_dequantized_at_load(
         assert xla_err <= TOLERANCE
     # and the encoding matters: the reference checkpoint's float32 logits are far from these
     assert np.abs(want - reference(family)[1]["logits"]).max() > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_int8_activations_stay_near_float_ones(written: dict[tuple[str, str], Path], kind: str) -> None:
+    """`MAXJAX_INT8_ACTIVATIONS=1` (`CpuPanels.int8`): each product is exact to x rounded to int8 per block
+    (test_qkernels.py); through the whole model the logits move by a few percent of their spread (measured: 6%
+    on this checkpoint, 3-6% on Qwen3's and Gemma 3's), while a wrong layout moves them by all of it. Bound: 10%
+    of the spread, and the same argmax at every position."""
+    built = kernels.load()
+    assert built is not None
+    if not built.int8:
+        pytest.skip("this build has no int8 path (AVX2 or AVX-512 only)")
+    path = written[("llama", kind)]
+    want, _ = logits(path, Backend(CpuPanels(built.panel), past_kernel=True))
+    got, loaded = logits(path, Backend(CpuPanels(built.panel, int8=True), past_kernel=True))
+    assert {h.layout for h in holders(loaded)} == {CpuQuantPanels(kind.lower(), built.panel, int8=True)}
+    err = np.abs(got - want).max()
+    print(f"llama {kind}: int8 activations move the logits by {err:.3f} (spread {want.std():.2f})")
+    assert 0 < err <= 0.1 * want.std()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])

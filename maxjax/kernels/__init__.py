@@ -50,6 +50,8 @@ class Kernels:
     path: Path
     panel: int
     """Output columns per packed panel (16 for AVX2, 32 for AVX-512)."""
+    int8: bool
+    """Whether `maxjax_qproject` can multiply Q4_* blocks with int8 activations (AVX2 and AVX-512 builds)."""
     digest: str
     """Hash of what the build depends on (sources, jaxlib, compiler, CPU): the library's file name."""
 
@@ -101,9 +103,10 @@ def _build_and_register(directory: Path) -> Kernels:
     try:
         lib = ctypes.CDLL(str(library))
         panel = int(lib.maxjax_panel_width())
+        int8 = bool(lib.maxjax_int8_activations())
     except (OSError, AttributeError) as e:
         raise _Unavailable(f"cannot load {library}: {e}") from e
-    kernels = Kernels(library, panel, digest)
+    kernels = Kernels(library, panel, int8, digest)
     _mark_used_and_prune(library)
     if _registered is None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")

@@ -17,11 +17,19 @@
 // horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i,
 // with each row's sum over each block computed once per call.
 //
+// With the `int8` attribute (AVX2 and AVX-512 builds, Q4_* only; `maxjax_int8_activations()`), the codes are
+// laid out [4][P][4] (four of a column's bytes side by side, kernels/quant.py) and x is quantized as llama.cpp
+// quantizes activations (per block of 32: dx = max |x_i| / 127, xq_i = round(x_i / dx)): four codes of a column
+// meet 4 broadcast bytes of xq in vpmaddubsw (32 byte products an instruction against a float FMA's 8), 16-bit
+// sums over a block (at most 8 x 2 x 15 x 127 = 30480), one vpmaddwd to 32 bits, d dx per block in float; the
+// minimums meet dx sum_i xq_i. The error is sum_i w_i (dx xq_i - x_i): at most dx / 2 sum_i |w_i| a block.
+//
 // Work is split by panels among the calling thread and XLA's intra-op pool (parallel.h). Written with GCC/Clang
 // vector extensions, with intrinsics only to widen the codes (AVX2, AVX-512, NEON; plain loops on other CPUs, so
 // it compiles wherever project.cc does); the lane and panel widths come from panel.h, as project.cc's do, so
 // `Kernels.panel` packs for both.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -241,11 +249,112 @@ void dequantize_panel(const uint8_t* wp, float* out, int64_t blocks) {
   }
 }
 
+#if defined(__AVX2__)
+constexpr bool kInt8 = true;
+constexpr int kNV8 = kPanel / 8;  // 8 columns (32 bytes of codes) per AVX2 vector
+
+// Each row's blocks of x quantized to int8 (xq [rows, n_in], scales dx [rows, blocks]) as llama.cpp's Q8_0
+// quantizes them.
+void quantize_rows(const float* x, int64_t rows, int64_t n_in, int8_t* xq, float* dx) {
+  for (int64_t i = 0; i < rows * (n_in / kBlock); ++i) {
+    const float* xb = x + i * kBlock;
+    float amax = 0.0f;
+    for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    dx[i] = d;
+    for (int k = 0; k < kBlock; ++k) xq[i * kBlock + k] = static_cast<int8_t>(std::nearbyint(xb[k] * id));
+  }
+}
+
+// Q4_*, int8 activations: R rows of xq (stride n_in, scales dx [R, blocks]) times one panel's blocks; the
+// minimums meet the sums of the rows' quantized blocks sx [R, blocks].
+template <int64_t K, int R>
+void tile_i8(const int8_t* xq, const float* dx, const float* sx, const uint8_t* wp, float* y, int64_t n_in,
+             int64_t n_out, int cols) {
+  using F = Format<K>;
+  const int64_t blocks = n_in / kBlock;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][kNV8];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kNV8; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = wp + b * F::kStride;
+    const float* d = reinterpret_cast<const float*>(codes + F::kCodeRows * kPanel);
+    for (int64_t line = 0; line < F::kStride; line += 64) __builtin_prefetch(codes + kPrefetchBytes + line, 0, 3);
+    __m256i s16[R][kNV8];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kNV8; ++v) s16[r][v] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      __m256i lo[kNV8], hi[kNV8];
+      for (int v = 0; v < kNV8; ++v) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * kPanel * 4 + v * 32));
+        lo[v] = _mm256_and_si256(w, low);
+        hi[v] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t a, c;  // xq[4 g .. 4 g + 3] and xq[4 g + 16 .. 4 g + 19] of this row's block
+        std::memcpy(&a, xq + r * n_in + b * kBlock + 4 * g, 4);
+        std::memcpy(&c, xq + r * n_in + b * kBlock + 16 + 4 * g, 4);
+        const __m256i xa = _mm256_set1_epi32(a), xc = _mm256_set1_epi32(c);
+        for (int v = 0; v < kNV8; ++v)
+          s16[r][v] = _mm256_add_epi16(s16[r][v], _mm256_add_epi16(_mm256_maddubs_epi16(lo[v], xa),
+                                                                   _mm256_maddubs_epi16(hi[v], xc)));
+      }
+    }
+    for (int v = 0; v < kNV8; ++v) {
+      const __m256 dv = _mm256_loadu_ps(d + v * 8);
+      const __m256 mv = K == kQ4_1 ? _mm256_loadu_ps(d + kPanel + v * 8) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+      for (int r = 0; r < R; ++r) {
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r][v], ones));
+        acc[r][v] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dv, _mm256_set1_ps(dx[r * blocks + b])), acc[r][v]);
+        acc[r][v] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[r * blocks + b]), acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float full[kPanel];
+    for (int v = 0; v < kNV8; ++v) _mm256_storeu_ps(full + v * 8, acc[r][v]);
+    std::memcpy(y + r * n_out, full, cols * sizeof(float));
+  }
+}
+#else
+constexpr bool kInt8 = false;
+#endif
+
 template <int64_t K>
 void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, int64_t rows, int64_t n_in,
-         int64_t n_out) {
+         int64_t n_out, bool int8) {
   const int64_t blocks = n_in / kBlock, panel_bytes = blocks * Format<K>::kStride;
   const int64_t panels = (n_out + kPanel - 1) / kPanel;
+#if defined(__AVX2__)
+  if (int8 && K != kQ8_0) {
+    std::vector<int8_t> xq(rows * n_in);
+    std::vector<float> dx(rows * blocks), sx(rows * blocks);  // each row's scale and float sum over each block
+    quantize_rows(xp, rows, n_in, xq.data(), dx.data());
+    // The minimums meet the sum of the quantized x, not of x: then the error is sum_i w_i (x~_i - x_i), with
+    // w = d q + m near zero on average; against x's own sum it would be d sum_i q_i (x~_i - x_i), with d q
+    // all of one sign (SmolLM2's logits moved by up to 4 that way).
+    for (int64_t i = 0; i < rows * blocks; ++i) {
+      int32_t s = 0;
+      for (int k = 0; k < kBlock; ++k) s += xq[i * kBlock + k];
+      sx[i] = dx[i] * static_cast<float>(s);
+    }
+    const int8_t* q = xq.data();
+    const float *dxp = dx.data(), *sxp = sx.data();
+    maxjax::parallel_for(pool, panels, [=](int64_t p) {
+      const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_out - p * kPanel));
+      int64_t r = 0;
+      for (; r + 2 <= rows; r += 2)
+        tile_i8<K, 2>(q + r * n_in, dxp + r * blocks, sxp + r * blocks, wp + p * panel_bytes,
+                      yp + r * n_out + p * kPanel, n_in, n_out, cols);
+      if (r < rows)
+        tile_i8<K, 1>(q + r * n_in, dxp + r * blocks, sxp + r * blocks, wp + p * panel_bytes,
+                      yp + r * n_out + p * kPanel, n_in, n_out, cols);
+    });
+    return;
+  }
+#endif
   if (rows > kDequantizeAbove) {
     // Many rows (prefill, large batches): each panel dequantized once into a float panel that stays in L2 while
     // every tile of rows multiplies it, instead of widening its codes again for every tile.
@@ -280,8 +389,10 @@ void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, i
 }
 
 ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t kind) {
+                    ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t int8) {
   int64_t stride;
+  if (int8 && !kInt8)
+    return ffi::Error::InvalidArgument("maxjax_qproject: this build has no int8 path (maxjax_int8_activations)");
   switch (kind) {
     case kQ8_0: stride = Format<kQ8_0>::kStride; break;
     case kQ4_0: stride = Format<kQ4_0>::kStride; break;
@@ -307,9 +418,9 @@ ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::Success();
   }
   switch (kind) {
-    case kQ8_0: run<kQ8_0>(pool, xp, wp, yp, rows, n_in, n_out); break;
-    case kQ4_0: run<kQ4_0>(pool, xp, wp, yp, rows, n_in, n_out); break;
-    default: run<kQ4_1>(pool, xp, wp, yp, rows, n_in, n_out); break;
+    case kQ8_0: run<kQ8_0>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
+    case kQ4_0: run<kQ4_0>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
+    default: run<kQ4_1>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
   }
   return ffi::Error::Success();
 }
@@ -322,4 +433,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxjaxQProject, QProject,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kind"));
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("int8"));
+
+// Whether this build can multiply Q4_* with int8 activations (the `int8` attribute; maxjax asks before packing).
+extern "C" int maxjax_int8_activations() { return kInt8 ? 1 : 0; }

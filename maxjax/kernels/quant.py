@@ -7,7 +7,9 @@ A tensor `[out, in]` of Q8_0, Q4_0 or Q4_1 blocks (32 weights each, along `in`) 
 panel zero-padded) and each block of 32 inputs, the P columns' codes interleaved (`[32][P]` int8 for Q8_0;
 `[16][P]` bytes of two nibbles each for Q4_*, each column's bytes exactly as the file holds them), then their
 scales `d` `[P]` float32, then (Q4_1) their minimums `m` `[P]` float32. One contiguous run per panel block, read
-once per call; the out axis first, so panels shard as `CpuPanels`' do.
+once per call; the out axis first, so panels shard as `CpuPanels`' do. For the kernel's int8 activations
+(`int8=True`, Q4_* only), a block's codes are `[4][P][4]` instead: four of a column's bytes side by side.
+
 """
 
 from __future__ import annotations
@@ -67,17 +69,24 @@ def _blocks(kind: Kind, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
     return raw.reshape(out, in_ // BLOCK, kind.block_bytes)
 
 
-def repack(kind: str, raw: np.ndarray, out: int, in_: int, panel: int) -> np.ndarray:
+def group(kind: str, int8: bool) -> int:
+    """A column's code bytes kept side by side in a block of a panel: 4 for int8 activations (Q4_*), else 1."""
+    return 4 if int8 and _kind(kind).code_rows == 16 else 1
+
+
+def repack(kind: str, raw: np.ndarray, out: int, in_: int, panel: int, int8: bool = False) -> np.ndarray:
     """The file's bytes of one [out, in] tensor (`GGUFFile.raw`: uint8 [out, in / 32 * block bytes]) as the
     kernel's uint8 [ceil(out / panel), in / 32, stride] (module docstring)."""
     k = _kind(kind)
+    g = group(kind, int8)
     blocks = _blocks(k, raw, out, in_)
     panels, n_blocks = -(-out // panel), in_ // BLOCK
     padded = np.zeros((panels * panel, n_blocks, k.block_bytes), np.uint8)  # zero codes and scales: zero weights
     padded[:out] = blocks
     by_panel = padded.reshape(panels, panel, n_blocks, k.block_bytes).transpose(0, 2, 1, 3)  # [panels, B, P, bytes]
     scale_bytes = 2 * k.scales
-    codes = by_panel[..., scale_bytes:].transpose(0, 1, 3, 2)  # [panels, B, code_rows, P]
+    by_column = by_panel[..., scale_bytes:].reshape(panels, n_blocks, panel, k.code_rows // g, g)
+    codes = by_column.transpose(0, 1, 3, 2, 4)  # [panels, B, code_rows / g, P, g]
     scales = by_panel[..., :scale_bytes].copy().view("<f2").astype("<f4").transpose(0, 1, 3, 2)  # [panels, B, s, P]
     packed = np.empty((panels, n_blocks, k.stride(panel)), np.uint8)
     packed[..., : k.code_rows * panel] = codes.reshape(panels, n_blocks, -1)
@@ -93,13 +102,14 @@ def dequantize(kind: str, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
     return decode(_blocks(k, raw, out, in_).reshape(out, -1), k.ggml_type)
 
 
-def qproject(x: Any, packed: Any, kind: str, out: int) -> Any:
+def qproject(x: Any, packed: Any, kind: str, out: int, int8: bool = False) -> Any:
     """x [..., in] float32 times a repacked tensor -> [..., out], as the custom call (traced into the graph; the
-    kernels must be loaded, `kernels.load()`)."""
+    kernels must be loaded, `kernels.load()`); `int8`: x rounded to int8 per block (Q4_*, packed with `int8`)."""
     import jax
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), np.float32)
-    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type))
+    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type),
+                                                          int8=np.int64(group(kind, int8) == 4))
 
 
 # XLA's forms of the same blocks: the product where the kernel does not run (GPU, TPU, a model on XLA's own
@@ -138,7 +148,7 @@ def dequantize_xla(kind: str, blocks: Any, dtype: Any = np.float32) -> Any:
     return w.reshape(*blocks.shape[:-1], -1)
 
 
-def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.float32) -> Any:
+def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.float32, int8: bool = False) -> Any:
     """Rows `rows` [...] (output columns) of a repacked tensor [panels, in / 32, stride] -> [..., in] of `dtype`,
     in the graph: a tied embedding table looked up in the kernel's layout, with no second copy of it."""
     import jax
@@ -148,11 +158,13 @@ def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.fl
     blocks = packed[rows // panel]  # [..., n_blocks, stride]
     column = (rows % panel)[..., None, None]  # [..., 1, 1]
 
-    def pick(rows_of_p: Any, count: int) -> Any:  # [..., n_blocks, count * P] -> column's [..., n_blocks, count]
-        grid = rows_of_p.reshape(*rows_of_p.shape[:-1], count, panel)
-        return jnp.take_along_axis(grid, jnp.broadcast_to(column[..., None], (*grid.shape[:-1], 1)), axis=-1)[..., 0]
+    def pick(rows_of_p: Any, count: int, g: int = 1) -> Any:
+        """[..., n_blocks, count * P] laid out [count / g][P][g] -> the column's [..., n_blocks, count]."""
+        grid = rows_of_p.reshape(*rows_of_p.shape[:-1], count // g, panel, g).swapaxes(-1, -2)
+        index = jnp.broadcast_to(column[..., None, None], (*grid.shape[:-1], 1))
+        return jnp.take_along_axis(grid, index, axis=-1)[..., 0].reshape(*rows_of_p.shape[:-1], count)
 
-    codes = pick(blocks[..., : k.code_rows * panel], k.code_rows)
+    codes = pick(blocks[..., : k.code_rows * panel], k.code_rows, group(kind, int8))
     scale_bytes = blocks[..., k.code_rows * panel :].reshape(*blocks.shape[:-1], k.scales * panel, 4)
     scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.float32)  # [..., n_blocks, scales * P]
     scales = pick(scales, k.scales)  # [..., n_blocks, scales]

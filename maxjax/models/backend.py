@@ -19,6 +19,7 @@ heads or columns (`layers.project_per_shard`, `layers.paged_attention`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -103,6 +104,8 @@ class CpuPanels:
 
     panel: int
     """Output columns per panel: the loaded kernel's `Kernels.panel` (16 with AVX2, 32 with AVX-512)."""
+    int8: bool = False
+    """Whether Q4_* blocks (`for_blocks`) are multiplied with int8 activations (`CpuQuantPanels.int8`)."""
     packed: ClassVar[bool] = True
     custom_call: ClassVar[bool] = True
 
@@ -125,7 +128,9 @@ class CpuPanels:
 
     def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
         """The quantized kernel's panels, for the block types it multiplies."""
-        return CpuQuantPanels(blocks.encoding, self.panel) if blocks.encoding in quant.KINDS else self
+        if blocks.encoding not in quant.KINDS:
+            return self
+        return CpuQuantPanels(blocks.encoding, self.panel, self.int8 and quant.group(blocks.encoding, True) == 4)
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,10 @@ class CpuQuantPanels:
 
     encoding: str
     panel: int
+    int8: bool = False
+    """Q4_* only: x rounded to int8 per block of 32 inside the kernel (as llama.cpp does), its codes in the
+    kernel's int8 order (`quant.repack(int8=True)`): 1.5-2x faster at 8-64 rows, and SmolLM2's logits move by up
+    to 1.8 (see docs/design.md); off unless asked for (`backend_for`)."""
     packed: ClassVar[bool] = True
     custom_call: ClassVar[bool] = True
 
@@ -181,10 +190,10 @@ class CpuQuantPanels:
         return (out_axis, in_axis, None)
 
     def apply(self, x: jax.Array, w: jax.Array, d_out: int) -> jax.Array:
-        return quant.qproject(x, w, self.encoding, d_out)
+        return quant.qproject(x, w, self.encoding, d_out, self.int8)
 
     def rows(self, table: jax.Array, tokens: jax.Array) -> jax.Array:
-        return quant.panel_rows(self.encoding, table, tokens, self.panel)
+        return quant.panel_rows(self.encoding, table, tokens, self.panel, int8=self.int8)
 
     def for_blocks(self, blocks: GGUFBlocks) -> WeightLayout:
         return self
@@ -239,11 +248,16 @@ class Backend:
         return encoding in quant.KINDS and self.weights.for_blocks(GGUFBlocks(encoding)) != self.weights
 
 
+INT8_ENV = "MAXJAX_INT8_ACTIVATIONS"
+"""Set to 1: on CPU, Q4_* weights are multiplied with int8 activations where the kernels can (`CpuPanels.int8`)."""
+
+
 def backend_for(platform: str, dtype: Any) -> Backend:
     """The fastest backend for models of `dtype` on `platform` ("cpu", "gpu", "tpu"): on CPU with maxjax's kernels
     built (`kernels.load()`, which warns once where they cannot be) and float32 weights, the kernels' panels and
-    attention; on CPU otherwise, XLA's CPU forms; on GPU, XLA's generic forms with attention over the past in the
-    Pallas kernel; on TPU, XLA's generic forms."""
+    attention (Q4_* weights with int8 activations where `MAXJAX_INT8_ACTIVATIONS=1` and the build can); on CPU
+    otherwise, XLA's CPU forms; on GPU, XLA's generic forms with attention over the past in the Pallas kernel; on
+    TPU, XLA's generic forms."""
     if platform == "gpu":
         return Backend(past_kernel="pallas")
     if platform != "cpu":
@@ -251,7 +265,8 @@ def backend_for(platform: str, dtype: Any) -> Backend:
     built = kernels.load()
     if built is None or jnp.dtype(dtype) != jnp.float32:
         return Backend(XlaCpuForms())
-    return Backend(CpuPanels(built.panel), past_kernel=True)
+    int8 = built.int8 and os.environ.get(INT8_ENV, "") == "1"
+    return Backend(CpuPanels(built.panel, int8), past_kernel=True)
 
 
 AS_LOADED = Backend()

@@ -160,7 +160,7 @@ def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout, axes: Axes
         raw = np.asarray(w)
         out, d_in = raw.shape[0], raw.shape[1] // quant.KINDS[old.encoding].block_bytes * quant.BLOCK
         if isinstance(new, CpuQuantPanels):
-            value = quant.repack(old.encoding, raw, out, d_in, new.panel)
+            value = quant.repack(old.encoding, raw, out, d_in, new.panel, new.int8)
         else:
             dense = quant.dequantize(old.encoding, raw, out, d_in).astype(old.dtype, copy=False)
             value = new.pack(dense) if isinstance(new, CpuPanels) else dense
