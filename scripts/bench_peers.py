@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-lens", default="500,1500,5000")
     parser.add_argument("--skip-llama", action="store_true", help="measure maxjax only")
+    parser.add_argument("--int8", action="store_true",
+                        help="also measure maxjax with MAXJAX_INT8_ACTIVATIONS=1 (compiles its own executables)")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = parser.parse_args()
     from maxjax.fetch import default_model_path
@@ -133,8 +135,11 @@ def main() -> None:
         results["llama.cpp"] = measure("llama", [str(LLAMA_SCRIPT), str(model), "8102", "32"], 8102, args, prompts,
                                        scratch, alone=["env", f"CTX={alone_ctx}", str(LLAMA_SCRIPT), str(model), "8102",
                                                        "1"])
-    results["maxjax"] = measure("maxjax", [str(MAX), "serve", "--model", str(model), "--port", "8103"], 8103, args,
-                                prompts, scratch)
+    serve = [str(MAX), "serve", "--model", str(model), "--port", "8103"]
+    results["maxjax"] = measure("maxjax", serve, 8103, args, prompts, scratch)
+    if args.int8:
+        results["maxjax int8"] = measure("maxjax-int8", ["env", "MAXJAX_INT8_ACTIVATIONS=1", *serve], 8103, args,
+                                         prompts, scratch)
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -143,24 +148,28 @@ def main() -> None:
 def print_tables(results: dict[str, Any]) -> None:
     names = list(results)
     levels = [row["concurrency"] for row in results[names[0]]["levels"]]
+    width = max(len(n) for n in names) + 2
     print("\nstreamed chat, 64 tokens out: output tok/s (ITL p50 ms; TTFT p50 ms)")
-    print(f"{'server':<10}" + "".join(f"{'c=' + str(c):>26}" for c in levels))
+    print(f"{'server':<{width}}" + "".join(f"{'c=' + str(c):>26}" for c in levels))
     for name in names:
         cells = [f"{r['output_throughput']:.1f} ({r['itl_ms']['median']:.1f}; {r['ttft_ms']['median']:.0f})"
                  for r in results[name]["levels"]]
-        print(f"{name:<10}" + "".join(f"{cell:>26}" for cell in cells))
-    if len(names) == 2:
+        print(f"{name:<{width}}" + "".join(f"{cell:>26}" for cell in cells))
+    peer = results.get("llama.cpp")
+    for name in names:
+        if peer is None or name == "llama.cpp":
+            continue
         ratios = [a["output_throughput"] / b["output_throughput"]
-                  for a, b in zip(results["maxjax"]["levels"], results["llama.cpp"]["levels"], strict=True)]
-        print(f"{'ratio':<10}" + "".join(f"{f'{r:.2f}x':>26}" for r in ratios))
+                  for a, b in zip(results[name]["levels"], peer["levels"], strict=True)]
+        print(f"{name + ' / llama.cpp':<{width}}" + "".join(f"{f'{r:.2f}x':>26}" for r in ratios))
     print("\none request alone, max_tokens 4: seconds")
     lengths = list(results[names[0]]["prompt_seconds"])
-    print(f"{'server':<10}" + "".join(f"{str(n) + ' tok':>12}" for n in lengths))
+    print(f"{'server':<{width}}" + "".join(f"{str(n) + ' tok':>12}" for n in lengths))
     for name in names:
-        print(f"{name:<10}" + "".join(f"{results[name]['prompt_seconds'][n]:>12.2f}" for n in lengths))
-    mj = results["maxjax"]["prompt_seconds"]
-    print(f"maxjax {lengths[-1]} / {lengths[-2]} tokens: {mj[lengths[-1]] / mj[lengths[-2]]:.2f}x the time"
-          if len(lengths) > 1 else "")
+        seconds = results[name]["prompt_seconds"]
+        growth = f"   {lengths[-1]} / {lengths[-2]}: {seconds[lengths[-1]] / seconds[lengths[-2]]:.2f}x" \
+            if len(lengths) > 1 else ""
+        print(f"{name:<{width}}" + "".join(f"{seconds[n]:>12.2f}" for n in lengths) + growth)
 
 
 if __name__ == "__main__":

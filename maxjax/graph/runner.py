@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -284,6 +285,7 @@ class ModelRunner:
         self._pending: dict[Entry, str] = {}
         """Entries verified in the store and not loaded yet, with their keys."""
         self._loads: PendingLoads | None = None
+        self._loaders: list[threading.Thread] = []
         self._ran: set[tuple[int, int, int]] = set()
         """Step shapes whose executable has run at least once (see `first_run`)."""
 
@@ -358,10 +360,18 @@ class ModelRunner:
         order = sorted((e for e in self._pending if e not in self._executables and (only is None or only(e))),
                        key=lambda e: (kinds.index(e[0]), self._graphs[e[0]].cost(e[1])))
         workers = self._loads.start(order, self._executables.__setitem__, threads=threads, nice=nice)
+        self._loaders += workers
         if wait:
             for worker in workers:
                 worker.join()
         return len(order)
+
+    def wait_for_loads(self, timeout: float = 60.0) -> None:
+        """Wait for the threads `load_cached` started (before the process exits: a thread still inside XLA's
+        deserializer when the interpreter ends aborts the process)."""
+        deadline = time.monotonic() + timeout
+        for worker in self._loaders:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def _key(self, entry: Entry) -> tuple[str, dict[str, Any]]:
         """The compile-cache key of one entry and what it hashes: the runner's fingerprint (model, device kind,

@@ -129,6 +129,7 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.core.runner.wait_for_loads()
 
     # -------------------------------------------------------------------------------- the thread
 
