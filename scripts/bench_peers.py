@@ -85,8 +85,13 @@ def long_prompt_ids(model: Path, lengths: list[int]) -> dict[int, list[int]]:
     return {n: ids[:n] for n in lengths}
 
 
+def served_model(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+        return str(json.load(r)["data"][0]["id"])
+
+
 def completion_seconds(port: int, ids: list[int]) -> float:
-    body = json.dumps({"model": "default", "prompt": ids, "max_tokens": 4, "temperature": 0}).encode()
+    body = json.dumps({"model": served_model(port), "prompt": ids, "max_tokens": 4, "temperature": 0}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                      {"Content-Type": "application/json"})
     start = time.perf_counter()
