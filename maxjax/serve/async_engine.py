@@ -41,6 +41,10 @@ from maxjax.serve.request import Request
 
 log = logging.getLogger(__name__)
 
+IDLE_QUIET = 0.5
+"""Seconds without work before the engine spends idle time on first runs: a client in a closed loop sends its
+next request within milliseconds of the last answer, and should not find a first run (up to 0.4 s) in its way."""
+
 
 class EngineError(RuntimeError):
     """The engine loop failed; the request cannot complete."""
@@ -78,6 +82,7 @@ class AsyncEngine:
         self._streams: dict[int, _Stream] = {}
         self._idle_done = False
         self._idle_seconds = 0.0
+        self._last_busy = 0.0
         self._thread = threading.Thread(target=self._run, name="maxjax-engine", daemon=True)
         self._thread.start()
 
@@ -139,12 +144,19 @@ class AsyncEngine:
                 self._drain_inbox()
                 if not self.core.has_work:
                     self._report()
-                    if not self._idle_done and self._idle_work():
-                        continue
+                    if not self._idle_done:
+                        quiet = time.monotonic() - self._last_busy
+                        if quiet < IDLE_QUIET:  # a closed loop's next request is on its way: wait for it first
+                            self._wake.wait(IDLE_QUIET - quiet)
+                            self._wake.clear()
+                            continue
+                        if self._idle_work():
+                            continue
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 outputs = self.core.step()
+                self._last_busy = time.monotonic()
                 if self.metrics is not None and self.core.last_step is not None:
                     self.metrics.observe_step(*self.core.last_step)
                 for seq, out in outputs:
@@ -168,8 +180,8 @@ class AsyncEngine:
                 self.on_fatal(self._broken)
 
     def _idle_work(self) -> bool:
-        """With no request to serve, give one executable its first run (a request arriving meanwhile waits for
-        at most that one). False when there is nothing left to do."""
+        """With no request to serve for `IDLE_QUIET` seconds, give one executable its first run (a request arriving
+        meanwhile waits for at most that one). False when there is nothing left to do."""
         start = time.perf_counter()
         if self.core.first_run_next():
             self._idle_seconds += time.perf_counter() - start
