@@ -17,8 +17,7 @@ without downloading the file, so there the file names pick which files to downlo
 as for a local directory.
 
 A directory with both safetensors and GGUF weights serves the safetensors unless a quantized encoding is asked
-for. Float safetensors can be asked for in a block type the devices multiply (`encodings.IN_BLOCKS`: q8_0, q4_0,
-q4_1): the weights are quantized at load.
+for; float safetensors asked for in `encodings.IN_BLOCKS` (q8_0, q4_0, q4_1) are quantized at load.
 """
 
 from __future__ import annotations

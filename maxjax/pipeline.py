@@ -118,10 +118,7 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
 
     params = arch.load_params(config, get_cast)
     abstract = nnx.eval_shape(lambda: arch.model_class(config, dtype))
-    holders = _blocks_holders(abstract)
-    if quantize_to:
-        _quantize(params, holders, quantize_to)
-    blocks = _set_aside_blocks(params, holders, np_dtype)
+    blocks = _set_aside_blocks(params, _blocks_holders(abstract), np_dtype, quantize_to)
     graphdef, state = nnx.split(abstract)
     expected = {path: (leaf.shape, leaf.dtype) for path, leaf in _flat(state)}
     try:
@@ -156,34 +153,31 @@ def _blocks_holders(model: nnx.Module) -> dict[tuple[str, ...], Any]:
     return holders
 
 
-def _quantize(params: dict[str, Any], holders: Container[tuple[str, ...]], encoding: str,
-              prefix: tuple[str, ...] = ()) -> None:
-    """Quantize (in place) every float matrix of `params` a module can hold in blocks to `encoding`'s blocks, as
+Path = tuple[str, ...]
+"""A parameter's path in the pure parameter dict."""
+
+
+def _set_aside_blocks(params: dict[str, Any], holders: Container[Path], dtype: np.dtype[Any],
+                      quantize_to: str | None = None, prefix: Path = ()) -> dict[Path, QuantizedRows]:
+    """Take the tensors kept in their blocks out of `params` (in place), leaving stand-ins of the float shape
+    (for the shape checks; no memory) where a module will hold the blocks, the values dequantized elsewhere.
+    With `quantize_to`, a float matrix a module can hold in blocks is first quantized to that encoding as
     llama.cpp's quantizer does (gguf-py's): `--quantization-encoding q8_0` for a float checkpoint."""
     import gguf
 
     from maxjax.kernels import quant
 
-    ggml_type = quant.KINDS[encoding].ggml_type
+    taken: dict[Path, QuantizedRows] = {}
     for key, value in params.items():
         path = (*prefix, str(key))
         if isinstance(value, dict):
-            _quantize(value, holders, encoding, path)
-        elif path in holders and value.ndim == 2 and value.shape[-1] % quant.BLOCK == 0:
+            taken |= _set_aside_blocks(value, holders, dtype, quantize_to, path)
+            continue
+        if quantize_to and path in holders and value.ndim == 2 and value.shape[-1] % quant.BLOCK == 0:
+            ggml_type = quant.KINDS[quantize_to].ggml_type
             blocks = gguf.quants.quantize(np.asarray(value, np.float32), gguf.GGMLQuantizationType(ggml_type))
-            params[key] = QuantizedRows(ggml_type, blocks, value.shape[-1])
-
-
-def _set_aside_blocks(params: dict[str, Any], holders: Container[tuple[str, ...]], dtype: np.dtype[Any],
-                      prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], QuantizedRows]:
-    """Take the tensors kept in their blocks out of `params` (in place), leaving stand-ins of the float shape
-    (for the shape checks; no memory) where a module will hold the blocks, the values dequantized elsewhere."""
-    taken: dict[tuple[str, ...], QuantizedRows] = {}
-    for key, value in params.items():
-        path = (*prefix, str(key))
-        if isinstance(value, dict):
-            taken |= _set_aside_blocks(value, holders, dtype, path)
-        elif isinstance(value, QuantizedRows):
+            value = QuantizedRows(ggml_type, blocks, value.shape[-1])
+        if isinstance(value, QuantizedRows):
             if path in holders:
                 taken[path] = value
                 params[key] = np.broadcast_to(np.zeros((), dtype), value.shape)

@@ -1,5 +1,6 @@
 // maxjax_qproject: y[r, o] = sum_i x[r, i] * W[o, i] on CPU with W in GGUF's blocks of 32 weights (Q8_0, Q4_0,
-// Q4_1), dequantized in registers; x, y and every sum float32. maxjax/kernels/quant.py repacks the file's blocks.
+// Q4_1), dequantized in registers; x, y and the sums float32 (or int8 x and integer sums with the `int8`
+// attribute, below). maxjax/kernels/quant.py repacks the file's blocks.
 //
 // Why: a decode step on CPU is bound by the bytes of weight it reads, and float32 weights are 4 bytes each where
 // the file's blocks are 0.56-1.06. Dequantizing inside the product reads those bytes (plus float32 scales) once.
