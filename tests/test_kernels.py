@@ -101,15 +101,24 @@ def test_no_compiler_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert not list((tmp_path / "maxjax" / "kernels").glob("*.so"))
 
 
-@pytest.mark.parametrize(("t", "window", "softcap"), [(1, None, None), (1, 20, None), (4, None, 30.0), (3, 7, None)])
+@pytest.mark.parametrize(("t", "window", "softcap", "page", "e"), [
+    (1, None, None, 8, 16), (1, 20, None, 8, 16), (4, None, 30.0, 8, 16), (3, 7, None, 8, 16),
+    (24, None, None, 16, 64), (17, 40, None, 16, 64), (1, None, None, 32, 64), (40, 100, 20.0, 16, 32),
+    (5, None, None, 4, 16), (2, 9, None, 16, 12), (130, None, None, 16, 64), (150, 50, None, 32, 64),
+])
 def test_paged_attention_kernel_matches_xla(built: kernels.Kernels, t: int, window: int | None,
-                                             softcap: float | None) -> None:
-    """The pool read in place by `maxjax_paged_past` gives the attention XLA's gathered blocks give: GQA,
-    rows with pasts of 0 to 300 tokens (several pages, a partial last one), windows and softcaps."""
-    rng = np.random.default_rng(t * 100 + (window or 0))
-    layers, pages, k_heads, g, e, page = 2, 64, 2, 3, 16, 8
+                                             softcap: float | None, page: int, e: int) -> None:
+    """The CPU kernels give the attention XLA's gathered blocks give: GQA, rows with pasts of 0 to 300 tokens
+    (several pages, a partial last one), windows and softcaps; several query tiles of a row (24 new tokens x 3
+    heads: more than one on every instruction set) and several blocks of new keys (130, 150: not a whole
+    number of vectors); `maxjax_paged_attention` where page size and head width are multiples of 16, else
+    the graph's new-token part and `maxjax_paged_past` (its blocked form, or its scalar one where they are not
+    whole vectors: page size 4, head width 12)."""
+    rng = np.random.default_rng(t * 100 + (window or 0) + page)
+    layers, k_heads, g = 2, 2, 3
     past = np.array([0, 5, 8, 131, 300], np.int32)
-    b, width = len(past), 48
+    pages = 1 + int(sum(-(-(n + t) // page) for n in past))
+    b, width = len(past), -(-(300 + t) // page) + 2
     table = np.zeros((b, width), np.int32)
     free = iter(rng.permutation(np.arange(1, pages)))
     for row, n in enumerate(past):
@@ -128,7 +137,9 @@ def test_paged_attention_kernel_matches_xla(built: kernels.Kernels, t: int, wind
             return paged_attention(q, k_new, v_new, cache, 1, batch, scale=0.3, sliding_window=window,
                                    softcap=softcap, past_kernel=cpu_kernels)
         lowered = jax.jit(f).lower(q, k_new, v_new, cache, batch)
-        assert (kernels.ATTENTION_TARGET in lowered.as_text()) == cpu_kernels
+        whole = page % kernels.WHOLE_VECTORS == 0 and e % kernels.WHOLE_VECTORS == 0
+        assert (kernels.ATTENTION_TARGET in lowered.as_text()) == (cpu_kernels and whole)
+        assert (kernels.PAST_TARGET in lowered.as_text()) == (cpu_kernels and not whole)
         return np.asarray(lowered.compile()(q, k_new, v_new, cache, batch))
 
     np.testing.assert_allclose(attend(True), attend(False), rtol=2e-5, atol=2e-5)

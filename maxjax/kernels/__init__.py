@@ -1,6 +1,7 @@
 """CPU kernels XLA lacks, as XLA FFI custom calls: `maxjax_project` (project.cc), the projection of a step's
-rows against float32 weights packed into panels, `maxjax_paged_past` (attention.cc), attention over the
-cached past read straight from the paged KV pool, `maxjax_reserve` (attention.cc), a pool allocated but
+rows against float32 weights packed into panels, `maxjax_paged_attention` (attention.cc), a step's attention
+over the cached past read straight from the paged KV pool and over its new tokens, `maxjax_paged_past`, the
+past's part only (continuing the graph's softmax), `maxjax_reserve` (attention.cc), a pool allocated but
 not zero-filled, and `maxjax_qproject` (qproject.cc), the projection against GGUF's quantized blocks repacked
 into panels (`kernels.quant`).
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("project.cc", "attention.cc", "qproject.cc"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "panel.h"))
 TARGET = "maxjax_project"
-ATTENTION_TARGET = "maxjax_paged_past"
+ATTENTION_TARGET = "maxjax_paged_attention"
+PAST_TARGET = "maxjax_paged_past"
 RESERVE_TARGET = "maxjax_reserve"
 QUANT_TARGET = "maxjax_qproject"
 """The custom-call names the graphs use (registered for the CPU platform)."""
@@ -110,7 +112,8 @@ def _build_and_register(directory: Path) -> Kernels:
     _mark_used_and_prune(library)
     if _registered is None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MaxjaxProject), platform="cpu")
-        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedAttention), platform="cpu")
+        jax.ffi.register_ffi_target(PAST_TARGET, jax.ffi.pycapsule(lib.MaxjaxPagedPast), platform="cpu")
         jax.ffi.register_ffi_target(RESERVE_TARGET, jax.ffi.pycapsule(lib.MaxjaxReserve), platform="cpu")
         jax.ffi.register_ffi_target(QUANT_TARGET, jax.ffi.pycapsule(lib.MaxjaxQProject), platform="cpu")
         _registered = kernels
@@ -207,7 +210,25 @@ def paged_past(q: Any, k_pool: Any, v_pool: Any, page_table: Any, past_len: Any,
     import numpy as np
 
     shapes = [jax.ShapeDtypeStruct(a.shape, np.float32) for a in (run_max, run_sum, out)]
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, shapes)
+    call = jax.ffi.ffi_call(PAST_TARGET, shapes)
     result = call(q, k_pool, v_pool, page_table, past_len, query_pos, run_max, run_sum, out,
                   layer=np.int64(layer), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0))
     return result[0], result[1], result[2]
+
+
+WHOLE_VECTORS = 16
+"""`paged_attention` needs the page size and head width to be multiples of this (whole vectors on every build)."""
+
+
+def paged_attention(q: Any, k_new: Any, v_new: Any, k_pool: Any, v_pool: Any, page_table: Any, past_len: Any,
+                    query_pos: Any, *, layer: int, window: int | None, softcap: float | None) -> Any:
+    """A step's attention, normalized: q [B, K, M, E] scaled queries over each row's cached past (read from the
+    pool in place) and the step's new keys and values k_new, v_new [B, T, K, E], causally -> [B, K, M, E]."""
+    import jax
+    import jax.numpy as jnp
+
+    t = k_new.shape[1]
+    k_t = jnp.pad(k_new.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, -t % WHOLE_VECTORS)))  # [B, K, E, T']
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, np.float32))
+    return call(q, k_t, v_new.transpose(0, 2, 1, 3), k_pool, v_pool, page_table, past_len, query_pos,
+                layer=np.int64(layer), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0))

@@ -377,8 +377,9 @@ def paged_attention(
     """Attention of the new tokens over each row's cached past plus the new tokens themselves (causally).
 
     q [B, T, H, E], k_new / v_new [B, T, K, E] (rotary already applied) -> [B, T, H, E]. `past_kernel`
-    (`Backend.past_kernel`) says who reads the past: True, maxjax's CPU kernel (`kernels.paged_past`; float32 on
-    CPU); "pallas", the Pallas GPU kernel (`kernels/pallas_past.py`; XLA's form on a mesh or where the head width
+    (`Backend.past_kernel`) says who reads the past: True, maxjax's CPU kernel (float32 on CPU): all of the
+    attention in `kernels.paged_attention` where the page size and head width are whole vectors and no image
+    needs its two-way mask, else the graph's new-token part continued by `kernels.paged_past`; "pallas", the Pallas GPU kernel (`kernels/pallas_past.py`; XLA's form on a mesh or where the head width
     or page size does not fit Triton's tiles); False, XLA's blocks below. The CPU kernel on a mesh of several
     devices (`shards`) runs per shard: each device over its KV heads and its part of the pool.
 
@@ -402,6 +403,18 @@ def paged_attention(
         if softcap is not None:
             scores = jnp.tanh(scores / softcap) * softcap
         return jnp.where(valid[:, None], scores.astype(jnp.float32), -1e30)
+
+    if (past_kernel is True and batch.image_block is None and e % kernels.WHOLE_VECTORS == 0
+            and cache.page_size % kernels.WHOLE_VECTORS == 0):  # all of it in the CPU kernel
+        assert cache.k.dtype == qg.dtype == jnp.float32, f"the CPU attention kernel reads float32, not {cache.k.dtype}"
+        whole = functools.partial(kernels.paged_attention, layer=layer, window=sliding_window, softcap=softcap)
+        if shards is not None:
+            heads = PartitionSpec(None, shards.axis("kv_heads"))  # q and the output [B, K, ...]
+            new = PartitionSpec(None, None, shards.axis("kv_heads"))  # [B, T, K, E] and the pools [L, N, K, ...]
+            whole = jax.shard_map(whole, mesh=shards.mesh, out_specs=heads, in_specs=(
+                heads, new, new, new, new, PartitionSpec(), PartitionSpec(), PartitionSpec()))
+        out = whole(qg, k_new, v_new, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32))
+        return out.astype(q.dtype).reshape(b, k_heads, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 
     # The new tokens first: every query sees at least itself, so the running max starts finite.
     new_pos = batch.past_len[:, None] + jnp.arange(t)[None, :]  # [B, T]
