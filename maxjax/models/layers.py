@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -407,13 +407,14 @@ def paged_attention(
     if (past_kernel is True and batch.image_block is None and e % kernels.WHOLE_VECTORS == 0
             and cache.page_size % kernels.WHOLE_VECTORS == 0):  # all of it in the CPU kernel
         assert cache.k.dtype == qg.dtype == jnp.float32, f"the CPU attention kernel reads float32, not {cache.k.dtype}"
-        whole = functools.partial(kernels.paged_attention, layer=layer, window=sliding_window, softcap=softcap)
+        attend: Callable[..., jax.Array] = functools.partial(kernels.paged_attention, layer=layer,
+                                                            window=sliding_window, softcap=softcap)
         if shards is not None:
             heads = PartitionSpec(None, shards.axis("kv_heads"))  # q and the output [B, K, ...]
             new = PartitionSpec(None, None, shards.axis("kv_heads"))  # [B, T, K, E] and the pools [L, N, K, ...]
-            whole = jax.shard_map(whole, mesh=shards.mesh, out_specs=heads, in_specs=(
+            attend = jax.shard_map(attend, mesh=shards.mesh, out_specs=heads, in_specs=(
                 heads, new, new, new, new, PartitionSpec(), PartitionSpec(), PartitionSpec()))
-        out = whole(qg, k_new, v_new, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32))
+        out = attend(qg, k_new, v_new, cache.k, cache.v, batch.page_table, batch.past_len, query_pos.astype(jnp.int32))
         return out.astype(q.dtype).reshape(b, k_heads, t, g, e).transpose(0, 2, 1, 3, 4).reshape(b, t, h, e)
 
     # The new tokens first: every query sees at least itself, so the running max starts finite.
