@@ -111,5 +111,26 @@ def test_prefix_cache_hit_gives_the_same_greedy_tokens(loaded: LoadedModel) -> N
             for _, out in core.step():
                 tokens.extend(out.token_ids)
         runs.append((seq.prefix_hit, tokens))
-    assert runs[0][0] == 0 and runs[1][0] == 32, "the second run reuses the two full pages before the last token"
+    assert runs[0][0] == 0 and runs[1][0] == 36, "the second run reuses all but the last prompt token (a tail)"
     assert runs[0][1] == runs[1][1] == case["greedy_ids"][:8]
+
+
+def test_the_next_turn_reuses_the_answer_it_repeats(loaded: LoadedModel) -> None:
+    """A prompt that repeats an earlier prompt and its answer (a chat's next turn) reuses the keys and values the
+    decode steps wrote, the answer's partly filled page too, and goes on as the model does: the reference's
+    greedy continuation, teacher-forced."""
+    core = EngineCore.create(loaded, _cpu(), SchedulerConfig(max_batch_size=2, max_length=96, prefill_chunk_size=16),
+                             KVCacheConfig(num_pages=32))
+    case = REFERENCE["cases"][3]
+    prompt, greedy = case["prompt_ids"], case["greedy_ids"]
+    runs = []
+    for i, (ids, n) in enumerate([(prompt, 20), (prompt + greedy[:20], 6)]):
+        seq = core.add(GenerationRequest(f"r{i}", tuple(ids), SamplingParams(max_tokens=n, temperature=0)))
+        assert seq is not None
+        tokens: list[int] = []
+        while core.has_work:
+            for _, out in core.step():
+                tokens.extend(out.token_ids)
+        runs.append((seq.prefix_hit, tokens))
+    assert runs[0] == (0, greedy[:20])
+    assert runs[1] == (len(prompt) + 19, greedy[20:26]), "all but the last prompt token reused; the same tokens"

@@ -7,7 +7,7 @@ import pytest
 from maxjax.graph.buckets import BucketGrid
 from maxjax.serve.protocol import SamplingParams
 from maxjax.serve.request import Request
-from maxjax.serve.scheduler import PageAllocator, Scheduler
+from maxjax.serve.scheduler import PageAllocator, Plan, Scheduler
 
 
 def make(num_pages: int = 17, batch: int = 4, max_length: int = 64, chunk: int = 16) -> Scheduler:
@@ -194,7 +194,7 @@ def test_cached_pages_survive_their_sequence_and_are_evicted_last_used_first() -
     again = Request("again", list(range(40)), SamplingParams(max_tokens=8))
     s.add(again)
     s.plan()
-    assert again.prefix_hit == 32, "pages of a finished request are reused"
+    assert again.prefix_hit == 39, "pages of a finished request are reused, its tail too"
     s.finish(again)
     big = Request("big", [7] * 70, SamplingParams(max_tokens=10))  # 5 pages: must evict the cached ones
     s.add(big)
@@ -213,3 +213,61 @@ def test_a_sequence_can_opt_out_of_prefix_reuse() -> None:
     s.add(b)
     s.plan()
     assert b.prefix_hit == 0 and b.cached == 0
+
+
+def test_a_finished_answer_serves_the_next_turn_and_a_page_is_adopted_only_when_nobody_reads_it() -> None:
+    """A request's answer pages are registered when it ends: a prompt that repeats the answer shares them. A
+    prompt that ends inside a cached full page (or leaves it part-way) adopts that page, but only when nobody
+    reads it: it writes on into it, and the page leaves the cache."""
+    s = make(num_pages=17)
+    a = Request("a", list(range(20)), SamplingParams(max_tokens=30))
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+    for t in range(13):  # 13 tokens generated, 12 of them fed back: 32 cached, two full pages
+        a.tokens.append(100 + t)
+        if t < 12:
+            s.advance(Plan(prefill=[], decode=[a]))
+    assert a.cached == 32
+    first, second = a.pages[:2]
+    s.finish(a)
+    turn = a.tokens + [7, 8, 9]  # the answer repeated, then the next question
+    b = Request("b", turn, SamplingParams(max_tokens=4))
+    c = Request("c", turn, SamplingParams(max_tokens=4))
+    d = Request("d", a.tokens[:30] + [5], SamplingParams(max_tokens=4))
+    for r in (b, c, d):
+        s.add(r)
+    s.plan()
+    assert b.prefix_hit == c.prefix_hit == 32 and b.pages[:2] == c.pages[:2] == [first, second]
+    assert d.prefix_hit == 16 and d.pages[1] != second, "the second page is read by b and c: not adopted"
+    for r in (b, c, d):
+        s.finish(r)
+    e = Request("e", a.tokens[:30] + [5], SamplingParams(max_tokens=4))
+    s.add(e)
+    s.plan()
+    assert e.prefix_hit == 30 and e.pages[:2] == [first, second], "14 tokens of the second page: adopted"
+    assert s.pages.lookup(b.hashes or []) == [first], "an adopted page leaves the cache"
+
+
+def test_a_tail_matches_by_its_tokens_and_is_evicted_like_any_cached_page() -> None:
+    s = make(num_pages=6, batch=2, max_length=80)  # 5 usable pages
+    a = Request("a", list(range(20)), SamplingParams(max_tokens=8))  # 2 pages
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+    tail = a.pages[1]
+    s.finish(a)  # a tail: tokens 16..19 after the first page
+    other = Request("other", list(range(16)) + [1, 2, 3, 4, 5], SamplingParams(max_tokens=4))
+    s.add(other)
+    s.plan()
+    assert other.prefix_hit == 16 and tail not in other.pages, "a tail whose first token differs is not used"
+    same = Request("same", list(range(19)) + [9, 9], SamplingParams(max_tokens=4))
+    s.add(same)
+    s.plan()
+    assert same.prefix_hit == 19 and same.pages[1] == tail, "three tokens of the tail match"
+    s.finish(same)
+    s.finish(other)
+    big = Request("big", [7] * 70, SamplingParams(max_tokens=10))  # 5 pages: every cached page evicted
+    s.add(big)
+    s.plan()
+    assert len(big.pages) == 5 and s.pages.lookup_partial(b"", list(range(16))) == (0, 0)

@@ -7,11 +7,16 @@ or cached (unreferenced but still holding a known prompt prefix, reclaimed least
 free list runs dry). So a step never runs out of pages mid-sequence, and a request that does not fit waits in
 the queue, first come first served, until enough pages are freed.
 
-Prefix caching: a full page of prompt tokens is known by a hash of its tokens chained with the hash of the
-page before it, so equal hashes mean equal prefixes. Once a sequence's prompt is in the cache its full pages
-are registered; a later request whose prompt starts with the same pages shares them (read-only: nothing is
-ever written into a full prompt page again) and prefills only the rest. The page holding a prompt's last
-token is never shared, so every prompt runs at least one token of prefill and gets its own logits.
+Prefix caching: a full page of tokens is known by a hash of its tokens chained with the hash of the page
+before it, so equal hashes mean equal prefixes. Once a sequence's prompt is in the cache its full pages are
+registered; a later request whose prompt starts with the same pages shares them (read-only: nothing writes
+into a page that is shared or registered) and prefills only the rest. When a sequence ends, the full pages of
+its answer are registered too, and its last, partly filled page is kept as a *tail*. Every cached page is also
+known by the prefix hash before it and the tokens it holds: a request whose prompt goes on from the shared
+pages into one of them, or away from it part-way, adopts it when nobody references it (it leaves the cache,
+becomes that request's own page and is written on from where the match ends). So a repeated prompt, or the
+next turn of a chat that repeats the last answer, prefills only what is new, not what is left of a page. At
+least one prompt token is always left to prefill, so every prompt gets its own logits.
 
 Requests are `serve/request.Request`s; the scheduler alone changes their bookkeeping fields (`cached`, `pages`,
 `batch_row`, the prefix-cache ones): `plan()` before a step, `advance(plan)` once it is dispatched (the next
@@ -34,8 +39,25 @@ from dataclasses import dataclass, field
 from maxjax.serve.request import PageHash, Request, Status
 
 
+@dataclass(frozen=True)
+class Tail:
+    """A page partly filled at a sequence's end: the tokens it holds, after the prefix `before`."""
+
+    page: int
+    before: PageHash
+    tokens: tuple[int, ...]
+
+
+NO_PREFIX: PageHash = b""
+"""The prefix hash before the first page."""
+
+
 class PageAllocator:
-    """Pages 1..num_pages-1 with reference counts, and the table of cached prompt prefixes."""
+    """Pages 1..num_pages-1 with reference counts, and the table of cached prefixes.
+
+    A cached page is known two ways: a full one by its chained hash (`lookup`: shared read-only), and every one,
+    full or a tail, by the prefix hash before it and the tokens it holds (`lookup_partial`: a request whose
+    prompt ends inside the page, or differs from it part-way, may adopt it when nobody references it)."""
 
     def __init__(self, num_pages: int):
         if num_pages < 2:
@@ -45,6 +67,9 @@ class PageAllocator:
         self._refs = [0] * num_pages
         self._by_hash: dict[PageHash, int] = {}
         self._hash_of: dict[int, PageHash] = {}
+        self._after: dict[PageHash, dict[int, tuple[int, ...]]] = {}
+        """Cached pages by the prefix hash before them: page -> the tokens it holds."""
+        self._before_of: dict[int, PageHash] = {}
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         """Cached pages nobody references, least recently used first."""
 
@@ -65,17 +90,34 @@ class PageAllocator:
                 page = self._free.pop()
             else:
                 page, _ = self._evictable.popitem(last=False)
-                del self._by_hash[self._hash_of.pop(page)]
+                self._forget(page)
             self._refs[page] = 1
             pages.append(page)
         return pages
 
-    def release(self, pages: list[int]) -> None:
+    def _forget(self, page: int) -> None:
+        if page in self._hash_of:
+            del self._by_hash[self._hash_of.pop(page)]
+        if page in self._before_of:
+            before = self._before_of.pop(page)
+            del self._after[before][page]
+            if not self._after[before]:
+                del self._after[before]
+
+    def _know(self, page: int, before: PageHash, tokens: tuple[int, ...]) -> None:
+        self._before_of[page] = before
+        self._after.setdefault(before, {})[page] = tokens
+
+    def release(self, pages: list[int], tail: Tail | None = None) -> None:
+        """Drop one reference to each page; keep `tail`'s page (one of them, referenced only here, not a full
+        page already known) cached as a tail."""
+        if tail is not None and self._refs[tail.page] == 1 and tail.page not in self._before_of:
+            self._know(tail.page, tail.before, tail.tokens)
         for page in pages:
             self._refs[page] -= 1
             assert self._refs[page] >= 0, page
             if self._refs[page] == 0:
-                if page in self._hash_of:
+                if page in self._before_of:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
@@ -90,6 +132,29 @@ class PageAllocator:
             pages.append(page)
         return pages
 
+    def lookup_partial(self, before: PageHash, tokens: list[int]) -> tuple[int, int]:
+        """The cached page nobody references, after the prefix `before`, whose tokens start the same as `tokens`
+        for longest: (page, tokens matched); (0, 0) when none matches one."""
+        best, best_n = 0, 0
+        for page, held in self._after.get(before, {}).items():
+            if self._refs[page]:
+                continue  # read by a running request: it may not be written
+            n = 0
+            for a, b in zip(held, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = page, n
+        return best, best_n
+
+    def adopt(self, page: int) -> None:
+        """Take a cached page nobody references as a page of one's own, to write on into: out of the cache."""
+        assert self._refs[page] == 0 and page in self._before_of, page
+        del self._evictable[page]
+        self._forget(page)
+        self._refs[page] = 1
+
     def unreferenced(self, pages: list[int]) -> int:
         """How many of `pages` nobody references (sharing them takes them off the evictable list)."""
         return sum(1 for page in pages if self._refs[page] == 0)
@@ -100,19 +165,22 @@ class PageAllocator:
                 del self._evictable[page]
             self._refs[page] += 1
 
-    def register(self, page: int, h: PageHash) -> None:
-        """Record that `page` holds the prefix `h` (first writer wins; the page must be in use)."""
+    def register(self, page: int, h: PageHash, before: PageHash, tokens: tuple[int, ...]) -> None:
+        """Record that full `page` holds the prefix `h`: the prefix `before`, then `tokens` (first writer wins;
+        the page must be in use)."""
         assert self._refs[page] > 0
-        if h not in self._by_hash and page not in self._hash_of:
+        if h not in self._by_hash and page not in self._before_of:
             self._by_hash[h] = page
             self._hash_of[page] = h
+            self._know(page, before, tokens)
 
 
-def prefix_hashes(tokens: list[int], page_size: int, pages: int) -> list[PageHash]:
-    """Chained hashes of the first `pages` full pages of `tokens`."""
+def prefix_hashes(tokens: list[int], page_size: int, pages: int, start: int = 0,
+                  before: PageHash = NO_PREFIX) -> list[PageHash]:
+    """Chained hashes of full pages `start` .. `pages` - 1 of `tokens` (`before`: the hash of the pages before)."""
     out = []
-    digest = b""
-    for i in range(pages):
+    digest = before
+    for i in range(start, pages):
         chunk = tokens[i * page_size : (i + 1) * page_size]
         digest = hashlib.blake2b(digest + repr(chunk).encode(), digest_size=16).digest()
         out.append(digest)
@@ -189,13 +257,21 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             hits = self.pages.lookup(self._hashes(seq)) if seq.reuse_prefix else []
-            need = self.pages_for(seq) - len(hits)
-            if need > self.pages.free - self.pages.unreferenced(hits):
+            tail, matched = 0, 0
+            if seq.reuse_prefix and self.prefix_caching:
+                start = len(hits) * self.page_size  # the tokens after the shared pages, but the last
+                tail, matched = self.pages.lookup_partial(self._hashes(seq)[len(hits) - 1] if hits else NO_PREFIX,
+                                                       seq.prompt[start : len(seq.prompt) - 1])
+            own = [tail] if tail else []
+            need = self.pages_for(seq) - len(hits) - len(own)
+            if need > self.pages.free - self.pages.unreferenced(hits) - len(own):
                 break  # first come, first served: later requests do not overtake a large one
             self.waiting.popleft()
             self.pages.share(hits)
-            seq.pages = hits + self.pages.allocate(need)
-            seq.cached = seq.prefix_hit = len(hits) * self.page_size
+            for page in own:
+                self.pages.adopt(page)
+            seq.pages = hits + own + self.pages.allocate(need)
+            seq.cached = seq.prefix_hit = len(hits) * self.page_size + matched
             seq.registered = len(hits)
             seq.status = Status.RUNNING
             seq.batch_row = self._free_rows.pop()
@@ -208,10 +284,7 @@ class Scheduler:
         if not self.prefix_caching:
             return
         complete = min(seq.cached // self.page_size, self._shareable_pages(seq))
-        hashes = self._hashes(seq)
-        for i in range(seq.registered, complete):
-            self.pages.register(seq.pages[i], hashes[i])
-        seq.registered = max(seq.registered, complete)
+        self._register(seq, self._hashes(seq), seq.prompt, complete)
 
     def plan(self) -> Plan:
         """The next step. It may be planned while the step before is still running (its tokens unknown): a
@@ -265,12 +338,36 @@ class Scheduler:
         """Remove a request (done, cancelled or failed) and release its pages, wherever it is."""
         if seq in self.running:
             self.running.remove(seq)
-            self.pages.release(seq.pages)
+            self.pages.release(seq.pages, self._keep(seq))
             seq.pages = []
             self._free_rows.append(seq.batch_row)
             seq.batch_row = 0
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _register(self, seq: Request, hashes: list[PageHash], tokens: list[int], complete: int) -> None:
+        """Register the sequence's full pages `seq.registered` .. `complete` - 1 (`hashes` and `tokens` cover them)."""
+        ps = self.page_size
+        for i in range(seq.registered, complete):
+            self.pages.register(seq.pages[i], hashes[i], hashes[i - 1] if i else NO_PREFIX,
+                                tuple(tokens[i * ps : (i + 1) * ps]))
+        seq.registered = max(seq.registered, complete)
+
+    def _keep(self, seq: Request) -> Tail | None:
+        """At a sequence's end: register the full pages of what it cached, prompt and answer (tokens whose keys
+        and values a dispatched step wrote and whose ids the host knows), and return its partly filled page
+        after them as a tail to keep (None: nothing to keep)."""
+        if not self.prefix_caching or not seq.reuse_prefix:
+            return None
+        known = min(seq.cached, len(seq.tokens))
+        full = min(known // self.page_size, len(seq.pages))
+        hashes = self._hashes(seq)[: seq.registered]
+        hashes += prefix_hashes(seq.tokens, self.page_size, full, len(hashes), hashes[-1] if hashes else NO_PREFIX)
+        self._register(seq, hashes, seq.tokens, full)
+        held = tuple(seq.tokens[full * self.page_size : known])
+        if not held or full >= len(seq.pages):
+            return None
+        return Tail(seq.pages[full], hashes[full - 1] if full else NO_PREFIX, held)
 
     @property
     def has_work(self) -> bool:
