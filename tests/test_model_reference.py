@@ -103,6 +103,9 @@ def test_prefix_cache_hit_gives_the_same_greedy_tokens(loaded: LoadedModel) -> N
                              KVCacheConfig(num_pages=32))
     case = REFERENCE["cases"][0]
     runs = []
+    prefill_steps = []
+    run_prefill = core._run_prefill
+    core._run_prefill = lambda chunks: (prefill_steps.append(len(chunks)), run_prefill(chunks))[1]  # type: ignore[method-assign]
     for i in range(2):
         seq = core.add(GenerationRequest(f"r{i}", tuple(case["prompt_ids"]), SamplingParams(max_tokens=8, temperature=0)))
         assert seq is not None
@@ -110,9 +113,10 @@ def test_prefix_cache_hit_gives_the_same_greedy_tokens(loaded: LoadedModel) -> N
         while core.has_work:
             for _, out in core.step():
                 tokens.extend(out.token_ids)
-        runs.append((seq.prefix_hit, tokens))
+        runs.append((seq.prefix_hit, tokens, len(prefill_steps)))
     assert runs[0][0] == 0 and runs[1][0] == 36, "the second run reuses all but the last prompt token (a tail)"
     assert runs[0][1] == runs[1][1] == case["greedy_ids"][:8]
+    assert runs[1][2] == runs[0][2] > 0, "its one prompt token ran in a decode step, not in a prefill step"
 
 
 def test_the_next_turn_reuses_the_answer_it_repeats(loaded: LoadedModel) -> None:

@@ -88,6 +88,10 @@ class _Launched:
     """A step dispatched to the device whose results are not fetched yet."""
 
     plan: Plan
+    chunks: list[tuple[Request, int]]
+    """The prompt chunks the prefill step ran (its rows in order)."""
+    joined: list[Request]
+    """Requests whose last prompt token ran in the decode step, after its decode rows (`_launch`)."""
     starts: list[int]
     """Each prefill row's cached length before the step."""
     prefill: SampleOutput | None
@@ -254,11 +258,15 @@ class EngineCore:
         """Dispatch the plan's steps (a prefill step, a decode step); the scheduler counts what they cache."""
         for req in plan.admitted:
             self._rows.seat(req)
-        starts = [req.cached for req, _ in plan.prefill]
-        prefill, scores, hidden = self._run_prefill(plan.prefill) if plan.prefill else (None, None, None)
-        decode = self._run_decode(plan.decode) if plan.decode else None
+        # A prompt with one token left (the rest found in the prefix cache) is a decode row that reads its token
+        # from the host: it joins the decode step instead of padding a prefill step's chunk to 16.
+        joined = [req for req, n in plan.prefill if n == 1 and not req.prefilled_alone and req.params.embed is None]
+        chunks = [(req, n) for req, n in plan.prefill if req not in joined]
+        starts = [req.cached for req, _ in chunks]
+        prefill, scores, hidden = self._run_prefill(chunks) if chunks else (None, None, None)
+        decode = self._run_decode(plan.decode + joined) if plan.decode or joined else None
         self.scheduler.advance(plan)
-        return _Launched(plan, starts, prefill, scores, decode, hidden)
+        return _Launched(plan, chunks, joined, starts, prefill, scores, decode, hidden)
 
     def _collect(self, results: list[tuple[Request, GenerationOutput]]) -> float:
         """Fetch the step in flight (one transfer for both of its parts), append each row's token to its request
@@ -270,7 +278,7 @@ class EngineCore:
             (launched.prefill, launched.scores, launched.decode, launched.hidden))
         waited = time.perf_counter() - waited
         plan = launched.plan
-        for row, ((seq, n), start) in enumerate(zip(plan.prefill, launched.starts, strict=True)):
+        for row, ((seq, n), start) in enumerate(zip(launched.chunks, launched.starts, strict=True)):
             if seq.finished:
                 continue  # cancelled while the step ran
             if scores is not None:  # a request that wants prompt logprobs is prefilled alone
@@ -285,6 +293,9 @@ class EngineCore:
                 results.append((seq, self._append(seq, prefill, row)))
         for row, seq in enumerate(plan.decode):
             if not seq.finished:  # (ended by the step before, or cancelled: this token is dropped)
+                results.append((seq, self._append(seq, decode, row)))
+        for row, seq in enumerate(launched.joined, start=len(plan.decode)):
+            if not seq.finished:  # its prompt's last token: the step sampled its first
                 results.append((seq, self._append(seq, decode, row)))
         self.scheduler.retire([*(s for s, _ in plan.prefill), *plan.decode])
         return waited
@@ -315,11 +326,11 @@ class EngineCore:
         sampling.min_p[:n], sampling.seed[:n] = table.min_p[at], table.seed[at]
         sampling.logprobs[:n] = table.logprobs[at]
         sampling.position[:n] = start + count
-        if width == 1:
-            inputs.feed[:n] = True
         for r, (req, c) in enumerate(chunks):
-            if width > 1:
+            if width > 1 or req.in_prefill:
                 inputs.tokens[r, :c] = req.tokens[req.cached : req.cached + c]
+            else:
+                inputs.feed[r] = True
             if req.row.adjusts:
                 self._write_adjustments(req, r, inputs.adjust)
             if req.logit_state is not None and req.cached + c >= len(req.prompt):  # the row samples a token
