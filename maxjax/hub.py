@@ -17,7 +17,7 @@ without downloading the file, so there the file names pick which files to downlo
 as for a local directory.
 
 A directory with both safetensors and GGUF weights serves the safetensors unless a quantized encoding is asked
-for; float safetensors asked for in `encodings.IN_BLOCKS` (q8_0, q4_0, q4_1) are quantized at load.
+for; float safetensors asked for in `encodings.QUANTIZE_AT_LOAD` (q8_0, q4_0, q4_1) are quantized at load.
 """
 
 from __future__ import annotations
@@ -180,9 +180,9 @@ def _from_checkpoint(
     if (
         wanted is not None
         and wanted != stored
-        and not (encodings.is_float(stored) and (encodings.is_float(wanted) or wanted in encodings.IN_BLOCKS))
+        and not (encodings.is_float(stored) and (encodings.is_float(wanted) or wanted in encodings.QUANTIZE_AT_LOAD))
     ):
-        offered = [stored, *encodings.FLOAT_ENCODINGS, *encodings.IN_BLOCKS] if encodings.is_float(stored) else [stored]
+        offered = [stored, *encodings.FLOAT_ENCODINGS, *encodings.QUANTIZE_AT_LOAD] if encodings.is_float(stored) else [stored]
         raise UserError(
             f"--quantization-encoding {wanted}: {name} holds {stored} safetensors weights, which can be served as "
             f"{', '.join(dict.fromkeys(offered))}; pick one of those, or a GGUF model for other quantized encodings"

@@ -106,7 +106,8 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
     np_dtype = np.dtype(jnp.dtype(dtype))
     backend = backend_for(platform, dtype)
     keep = () if resolved.needs_conversion else [e for e in quant.KINDS if backend.keeps(e)]
-    quantize_to = resolved.encoding if resolved.needs_conversion and resolved.encoding in quant.KINDS else None
+    quantize_to = (resolved.encoding if resolved.needs_conversion and resolved.encoding in encodings.QUANTIZE_AT_LOAD
+                   else None)
     if quantize_to and not backend.keeps(quantize_to):
         log.warning("%s: this device has no form that multiplies %s blocks; serving %s weights instead",
                     resolved.name, quantize_to, jnp.dtype(dtype).name)

@@ -30,7 +30,47 @@ import numpy as np
 Q = gguf.GGMLQuantizationType
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-              Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+              Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, n] (n a multiple of 256) as Q4_K super-blocks, uint8 [rows, n / 256 * 144] (gguf-py reads
+    them but has no quantizer): per block of 32 a 6-bit scale and minimum under the super-block's float16 factors
+    d and dmin, 4-bit codes; w = d sc q - dmin m. A plain min-max fit, not llama.cpp's search: the tests compare
+    the file served different ways, never against the float weights."""
+    rows, n = w.shape
+    x = w.reshape(-1, 8, 32).astype(np.float32)  # [super-blocks, blocks, weights]
+    lo = np.minimum(x.min(axis=-1), 0)
+    scale = (x.max(axis=-1) - lo) / 15
+    d = (scale.max(axis=-1, keepdims=True) / 63).astype(np.float16)
+    dmin = (-lo.min(axis=-1, keepdims=True) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32), dmin.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(np.divide(-lo, dminf, out=np.zeros_like(lo), where=dminf > 0)), 0, 63).astype(np.uint8)
+    step = (df * sc)[..., None]
+    q = np.divide(x + (dminf * mn)[..., None], step, out=np.zeros_like(x), where=step > 0)
+    q = np.clip(np.rint(q), 0, 15).astype(np.uint8)  # [S, 8, 32]
+    packed = np.empty((x.shape[0], 144), np.uint8)
+    packed[:, 0:2] = d.view(np.uint8)
+    packed[:, 2:4] = dmin.view(np.uint8)
+    packed[:, 4:8] = (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6)
+    packed[:, 12:16] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    pairs = q.reshape(-1, 4, 2, 32)  # blocks 2j and 2j + 1 share 32 bytes: low and high nibbles
+    packed[:, 16:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+    return packed.reshape(rows, n // 256 * 144)
+
+
+def quantize(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A 2-D tensor in `qtype` (Q4_K where its rows are whole super-blocks, else Q8_0, as llama.cpp falls back),
+    a 1-D one in F32."""
+    if w.ndim != 2:
+        return gguf.quants.quantize(w, Q.F32), Q.F32
+    if qtype == Q.Q4_K:
+        if w.shape[1] % 256 == 0:
+            return quantize_q4_k(w), Q.Q4_K
+        qtype = Q.Q8_0
+    return gguf.quants.quantize(w, qtype), qtype
 ARCHES = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
@@ -138,8 +178,8 @@ def write_gguf(
             continue  # tied: llama.cpp skips it
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"gguf-py has no {arch} name for {hf_name}"
-        stored = qtype if w.ndim == 2 else Q.F32
-        writer.add_tensor(gguf_name, gguf.quants.quantize(w, stored), raw_dtype=stored)
+        data, stored = quantize(w, qtype)
+        writer.add_tensor(gguf_name, data, raw_dtype=stored)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,5 +1,5 @@
 """The quantized projection kernel (maxjax/kernels/qproject.cc, repacked by kernels/quant.py): the product of
-float32 rows with GGUF's Q8_0, Q4_0 and Q4_1 blocks equals the product with the blocks dequantized as ggml does,
+float32 rows with GGUF's Q8_0, Q4_0, Q4_1 and Q4_K blocks equals the product with the blocks dequantized as ggml does,
 to float32's rounding; with int8 activations (Q4_*, where the build has them: `Kernels.int8`), to within the
 error of rounding x to int8, bounded per block (`int8_bound`), and equal to that rounding done in NumPy."""
 
@@ -26,11 +26,13 @@ def built() -> kernels.Kernels:
 
 
 def random_blocks(kind: str, out: int, in_: int, seed: int) -> np.ndarray:
-    """uint8 [out, in / 32 * block bytes]: every code value possible, finite float16 scales (and minimums)."""
+    """uint8 [out, in / block weights * block bytes]: every code value possible, finite float16 scales (and
+    minimums; Q4_K: its factors d and dmin, any 6-bit scales and minimums)."""
     k = quant.KINDS[kind]
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (out, in_ // quant.BLOCK, k.block_bytes), dtype=np.uint8)
-    scales = (rng.standard_normal((out, in_ // quant.BLOCK, k.scales)) * 0.02).astype("<f2")
+    blocks = rng.integers(0, 256, (out, in_ // k.block_weights, k.block_bytes), dtype=np.uint8)
+    scales = (rng.standard_normal((out, in_ // k.block_weights, k.scales)) * (0.02 if k.block_weights == 32 else 5e-4))
+    scales = scales.astype("<f2")
     blocks[..., : 2 * k.scales] = scales.view(np.uint8)
     return blocks.reshape(out, -1)
 
@@ -72,6 +74,8 @@ def test_repack_layout() -> None:
     (and m [P]) as float32; the last panel's missing columns zero."""
     out, in_, panel = 5, 64, 4
     for (kind, k), int8 in itertools.product(quant.KINDS.items(), (False, True)):
+        if k.block_weights != quant.BLOCK:
+            continue  # Q4_K's blocks are rewritten as Q4_1's: test_q4_k_is_packed_as_q4_1
         raw = random_blocks(kind, out, in_, seed=k.ggml_type)
         blocks = raw.reshape(out, 2, k.block_bytes)
         packed = quant.repack(kind, raw, out, in_, panel, int8)
@@ -91,12 +95,31 @@ def test_repack_layout() -> None:
                     assert not codes.any() and not scales[:, o % panel].any()
 
 
+def test_q4_k_is_packed_as_q4_1(built: kernels.Kernels) -> None:
+    """Each block of 32 of a Q4_K super-block is a Q4_1 block whose scale d sc and minimum -dmin m are float32
+    (exact: a float16 times a 6-bit integer): the packed panels decode to ggml's values exactly, in the kernel's
+    order for int8 activations too."""
+    out, in_ = 21, 512
+    raw = random_blocks("q4_k", out, in_, seed=12)
+    want = quant.dequantize("q4_k", raw, out, in_)
+    rows = np.arange(out)
+    for int8 in (False, True):
+        packed = quant.repack("q4_k", raw, out, in_, built.panel, int8)
+        got = np.asarray(jax.jit(quant.panel_rows, static_argnums=(0, 3, 4, 5))("q4_k", packed, rows, built.panel,
+                                                                                np.float32, int8))
+        np.testing.assert_array_equal(got, want)
+    xla = np.asarray(jax.jit(quant.dequantize_xla, static_argnums=0)("q4_k", raw))
+    np.testing.assert_array_equal(xla, want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 70])
 @pytest.mark.parametrize(("out", "in_"), [(37, 96), (200, 576), (5, 1536)])
 @pytest.mark.parametrize(("kind", "int8"), [("q8_0", False), ("q4_0", False), ("q4_1", False), ("q4_0", True),
-                                            ("q4_1", True)])
+                                            ("q4_1", True), ("q4_k", False), ("q4_k", True)])
 def test_qproject_matches_dequantized(built: kernels.Kernels, kind: str, int8: bool, rows: int, out: int,
                                       in_: int) -> None:
+    if kind == "q4_k":
+        in_ = -(-in_ // 256) * 256  # whole super-blocks
     if int8 and not built.int8:
         pytest.skip("this build has no int8 path (AVX2 or AVX-512 only)")
     raw = random_blocks(kind, out, in_, seed=rows * 1000 + out)
@@ -119,8 +142,8 @@ def test_leading_axes_and_the_graph(built: kernels.Kernels) -> None:
 
 
 def test_bad_arguments_say_what_is_expected() -> None:
-    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1"):
-        quant.repack("q4_k", np.zeros(144, np.uint8), 1, 256, 16)
+    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1, q4_k"):
+        quant.repack("q6_k", np.zeros(210, np.uint8), 1, 256, 16)
     with pytest.raises(ValueError, match="whole number"):
         quant.repack("q8_0", np.zeros(34, np.uint8), 1, 48, 16)
     with pytest.raises(ValueError, match="68 bytes"):

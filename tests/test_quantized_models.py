@@ -126,6 +126,44 @@ def test_in_blocks_are_the_kernels_kinds() -> None:
     from maxjax.weights import encodings
 
     assert tuple(quant.KINDS) == encodings.IN_BLOCKS
+    assert set(encodings.QUANTIZE_AT_LOAD) <= set(encodings.IN_BLOCKS)
+
+
+def test_q4_k_runs_in_its_blocks(tmp_path: Path) -> None:
+    """A Q4_K file (a random Llama 256 wide: K-quants take rows of whole 256-weight super-blocks; narrower rows
+    fall back to Q8_0, as llama.cpp's do) keeps every Q4_K tensor in its blocks, the embedding table too, in the
+    kernel's panels and in XLA's form, and both give the logits of the file dequantized at load."""
+    built = kernels.load()
+    assert built is not None
+    config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    config.update(hidden_size=256, intermediate_size=512, head_dim=64)
+    rng = np.random.default_rng(4)
+    shapes = {"model.embed_tokens.weight": (260, 256), "lm_head.weight": (260, 256), "model.norm.weight": (256,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (256,), p + "post_attention_layernorm.weight": (256,),
+                   p + "self_attn.q_proj.weight": (256, 256), p + "self_attn.k_proj.weight": (128, 256),
+                   p + "self_attn.v_proj.weight": (128, 256), p + "self_attn.o_proj.weight": (256, 256),
+                   p + "mlp.gate_proj.weight": (512, 256), p + "mlp.up_proj.weight": (512, 256),
+                   p + "mlp.down_proj.weight": (256, 512)}
+    weights = {name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else
+                      0.08 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+    path = tmp_path / "llama-q4_k.gguf"
+    write_gguf(path, "llama", config, weights, Q["Q4_K"], name="tiny-q4k")
+    tokens = rng.integers(3, 260, 40)
+    runs = {}
+    for name, backend, encoding in [("dense", None, "float32"), ("kernel", None, None), ("xla", Backend(), None)]:
+        loaded = load_model(resolve_model(str(path), quantization_encoding=encoding), platform="cpu")
+        runs[name] = paged_logits(loaded, tokens, [17], backend)
+        layouts = {h.layout for h in holders(loaded)}
+        if name == "kernel":
+            assert layouts == {CpuQuantPanels("q4_k", built.panel)}, layouts
+        elif name == "xla":
+            assert layouts == {GGUFBlocks("q4_k")}, layouts
+    for name in ("kernel", "xla"):
+        err = np.abs(runs[name] - runs["dense"]).max()
+        print(f"Q4_K, {name}: {err:.2e} from dequantized at load (spread {runs['dense'].std():.2f})")
+        assert err <= TOLERANCE
 
 
 def test_rows_move_in_their_blocks() -> None:

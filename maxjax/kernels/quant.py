@@ -2,7 +2,9 @@
 reads the file's 4- and 8-bit codes and dequantizes them in registers, so a decode step reads about a fifth of
 the bytes float32 weights cost.
 
-A tensor `[out, in]` of Q8_0, Q4_0 or Q4_1 blocks (32 weights each, along `in`) becomes one uint8 array
+A tensor `[out, in]` of Q8_0, Q4_0, Q4_1 blocks (32 weights each, along `in`) or Q4_K super-blocks (256 weights:
+eight blocks of 32 with 6-bit scales and minimums under two float16 factors; each block's d sc and -dmin m are
+exact in float32, so a Q4_K block is a Q4_1 block with float32 scales, its nibbles reordered) becomes one uint8 array
 `[ceil(out / P), in / 32, stride]`: for each panel of P output columns (the build's `Kernels.panel`, the last
 panel zero-padded) and each block of 32 inputs, the P columns' codes interleaved (`[32][P]` int8 for Q8_0;
 `[16][P]` bytes of two nibbles each for Q4_*, each column's bytes exactly as the file holds them), then their
@@ -30,13 +32,21 @@ class Kind:
     """One GGUF block encoding as the kernel takes it."""
 
     ggml_type: int
-    """ggml's type number: the kernel's `kind` attribute."""
+    """ggml's type number."""
     block_bytes: int
     """Bytes of one block in the file (scales included)."""
     code_rows: int
     """Rows of P code bytes a block of a panel holds: 32 (one int8 per weight) or 16 (two nibbles per byte)."""
     scales: int
     """float32 scale vectors after the codes: 1 (d) or 2 (d, m)."""
+    block_weights: int = BLOCK
+    """Weights of one block in the file: 32, or a K-quant's super-block of 256."""
+    packed_as: int = 0
+    """The ggml type whose packed layout this one takes (the kernel's `kind` attribute): itself when 0."""
+
+    @property
+    def kernel_type(self) -> int:
+        return self.packed_as or self.ggml_type
 
     def stride(self, panel: int) -> int:
         """Bytes of one block of one panel in the packed array."""
@@ -47,6 +57,8 @@ KINDS: dict[str, Kind] = {
     "q8_0": Kind(ggml_type=8, block_bytes=34, code_rows=32, scales=1),  # d: f16, 32 int8 q; w = d q
     "q4_0": Kind(ggml_type=2, block_bytes=18, code_rows=16, scales=1),  # d: f16, 16 bytes of 4-bit q; w = d (q - 8)
     "q4_1": Kind(ggml_type=3, block_bytes=20, code_rows=16, scales=2),  # d, m: f16, 16 bytes; w = d q + m
+    # d, dmin: f16, 12 bytes of 6-bit scales and minimums, 128 bytes of 4-bit q; w = d sc q - dmin m, packed as Q4_1
+    "q4_k": Kind(ggml_type=12, block_bytes=144, code_rows=16, scales=2, block_weights=256, packed_as=3),
 }
 """The encodings the kernel multiplies, by maxjax's encoding name (`GGUFTensorInfo.encoding`)."""
 
@@ -59,14 +71,30 @@ def _kind(kind: str) -> Kind:
 
 
 def _blocks(kind: Kind, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
-    """The file's bytes of an [out, in] tensor as uint8 [out, in / 32, block_bytes]."""
-    if in_ % BLOCK:
-        raise ValueError(f"in = {in_} is not a whole number of {BLOCK}-weight blocks")
+    """The file's bytes of an [out, in] tensor as uint8 [out, in / block weights, block_bytes]."""
+    if in_ % kind.block_weights:
+        raise ValueError(f"in = {in_} is not a whole number of {kind.block_weights}-weight blocks")
     raw = np.asarray(raw)
-    if raw.dtype != np.uint8 or raw.size != out * in_ // BLOCK * kind.block_bytes:
-        raise ValueError(f"expected {out * in_ // BLOCK * kind.block_bytes} bytes of uint8 blocks for [{out}, {in_}], "
-                         f"got {raw.size} of {raw.dtype}")
-    return raw.reshape(out, in_ // BLOCK, kind.block_bytes)
+    size = out * in_ // kind.block_weights * kind.block_bytes
+    if raw.dtype != np.uint8 or raw.size != size:
+        raise ValueError(f"expected {size} bytes of uint8 blocks for [{out}, {in_}], got {raw.size} of {raw.dtype}")
+    return raw.reshape(out, in_ // kind.block_weights, kind.block_bytes)
+
+
+def _codes_and_scales(kind: Kind, raw: np.ndarray, out: int, in_: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tensor's blocks of 32 as the packed layout holds them: codes uint8 [out, in / 32, code_rows] and scales
+    float32 [out, in / 32, scales] (d, then m)."""
+    blocks = _blocks(kind, raw, out, in_)
+    if kind.block_weights == BLOCK:
+        return blocks[..., 2 * kind.scales :], blocks[..., : 2 * kind.scales].copy().view("<f2").astype("<f4")
+    from maxjax.weights.ggml_blocks import k_scales
+
+    d, dm = k_scales(blocks.reshape(-1, kind.block_bytes))  # [out * super-blocks, 8, 1]
+    qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)  # four runs of 32 bytes: blocks 2j (low), 2j + 1 (high nibbles)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(out, in_ // BLOCK, BLOCK)
+    codes = q[..., :16] | (q[..., 16:] << 4)  # Q4_1's order: byte k holds weights k and k + 16
+    scales = np.concatenate([d, -dm], axis=-1).reshape(out, in_ // BLOCK, 2)
+    return codes, scales
 
 
 def group(kind: str, int8: bool) -> int:
@@ -79,15 +107,15 @@ def repack(kind: str, raw: np.ndarray, out: int, in_: int, panel: int, int8: boo
     kernel's uint8 [ceil(out / panel), in / 32, stride] (module docstring)."""
     k = _kind(kind)
     g = group(kind, int8)
-    blocks = _blocks(k, raw, out, in_)
+    file_codes, file_scales = _codes_and_scales(k, raw, out, in_)
     panels, n_blocks = -(-out // panel), in_ // BLOCK
-    padded = np.zeros((panels * panel, n_blocks, k.block_bytes), np.uint8)  # zero codes and scales: zero weights
-    padded[:out] = blocks
-    by_panel = padded.reshape(panels, panel, n_blocks, k.block_bytes).transpose(0, 2, 1, 3)  # [panels, B, P, bytes]
-    scale_bytes = 2 * k.scales
-    by_column = by_panel[..., scale_bytes:].reshape(panels, n_blocks, panel, k.code_rows // g, g)
-    codes = by_column.transpose(0, 1, 3, 2, 4)  # [panels, B, code_rows / g, P, g]
-    scales = by_panel[..., :scale_bytes].copy().view("<f2").astype("<f4").transpose(0, 1, 3, 2)  # [panels, B, s, P]
+    codes = np.zeros((panels * panel, n_blocks, k.code_rows), np.uint8)  # zero codes and scales: zero weights
+    codes[:out] = file_codes
+    padded_scales = np.zeros((panels * panel, n_blocks, k.scales), np.float32)
+    padded_scales[:out] = file_scales
+    by_column = codes.reshape(panels, panel, n_blocks, k.code_rows // g, g)
+    codes = by_column.transpose(0, 2, 3, 1, 4)  # [panels, B, code_rows / g, P, g]
+    scales = padded_scales.reshape(panels, panel, n_blocks, k.scales).transpose(0, 2, 3, 1)  # [panels, B, s, P]
     packed = np.empty((panels, n_blocks, k.stride(panel)), np.uint8)
     packed[..., : k.code_rows * panel] = codes.reshape(panels, n_blocks, -1)
     packed[..., k.code_rows * panel :] = np.ascontiguousarray(scales).view(np.uint8).reshape(panels, n_blocks, -1)
@@ -108,7 +136,7 @@ def qproject(x: Any, packed: Any, kind: str, out: int, int8: bool = False) -> An
     import jax
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), np.float32)
-    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type),
+    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).kernel_type),
                                                           int8=np.int64(group(kind, int8) == 4))
 
 
@@ -143,6 +171,15 @@ def dequantize_xla(kind: str, blocks: Any, dtype: Any = np.float32) -> Any:
     b = blocks.reshape(*blocks.shape[:-1], -1, k.block_bytes)
     halves = jax.lax.bitcast_convert_type(b[..., : 2 * k.scales].reshape(*b.shape[:-1], k.scales, 2), jnp.float16)
     scales = halves.astype(jnp.float32)  # [..., n_blocks, scales]
+    if k.block_weights != BLOCK:  # Q4_K: the super-block's factors times its blocks' 6-bit scales and minimums
+        a, c, e = (b[..., i : i + 4].astype(jnp.int32) for i in (4, 8, 12))
+        sc = jnp.concatenate([a & 0x3F, (e & 0x0F) | ((a >> 2) & 0x30)], axis=-1).astype(jnp.float32)
+        mn = jnp.concatenate([c & 0x3F, (e >> 4) | ((c >> 2) & 0x30)], axis=-1).astype(jnp.float32)
+        qs = b[..., 16:].reshape(*b.shape[:-1], 4, 1, 32)
+        q = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-2).astype(jnp.float32)  # [..., n, 4, 2, 32]
+        q = q.reshape(*b.shape[:-1], 8, 32)
+        w = q * (scales[..., 0:1] * sc)[..., None] - (scales[..., 1:2] * mn)[..., None]
+        return w.astype(dtype).reshape(*blocks.shape[:-1], -1)
     m = scales[..., 1:2] if k.scales == 2 else None
     w = _values(k, b[..., 2 * k.scales :], scales[..., 0:1], m, dtype)
     return w.reshape(*blocks.shape[:-1], -1)

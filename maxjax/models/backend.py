@@ -141,7 +141,7 @@ class GGUFBlocks:
     tensor the device multiplies in its blocks before `use_backend` moves it onto the device's own layout."""
 
     encoding: str
-    """The block type (`kernels/quant.KINDS`: q8_0, q4_0, q4_1)."""
+    """The block type (`kernels/quant.KINDS`: q8_0, q4_0, q4_1, q4_k)."""
     dtype: str = "float32"
     """What the blocks are dequantized to (the model's serving dtype)."""
     packed: ClassVar[bool] = True
@@ -149,7 +149,7 @@ class GGUFBlocks:
 
     def shape(self, d_out: int, d_in: int) -> tuple[int, ...]:
         kind = quant.KINDS[self.encoding]
-        return (d_out, d_in // quant.BLOCK * kind.block_bytes)
+        return (d_out, d_in // kind.block_weights * kind.block_bytes)
 
     def axes(self, out_axis: str | None, in_axis: str | None) -> tuple[str | None, ...]:
         """Rows split as the float weight's do; a row's bytes are never split (XLA gathers them where the input

@@ -158,7 +158,8 @@ def _relayout(param: nnx.Param, old: WeightLayout, new: WeightLayout, axes: Axes
     w = param[...]
     if isinstance(old, GGUFBlocks):  # the file's rows: repacked for the kernel, or dequantized at load
         raw = np.asarray(w)
-        out, d_in = raw.shape[0], raw.shape[1] // quant.KINDS[old.encoding].block_bytes * quant.BLOCK
+        kind = quant.KINDS[old.encoding]
+        out, d_in = raw.shape[0], raw.shape[1] // kind.block_bytes * kind.block_weights
         if isinstance(new, CpuQuantPanels):
             value = quant.repack(old.encoding, raw, out, d_in, new.panel, new.int8)
         else:

@@ -19,9 +19,11 @@ from maxjax.errors import UserError
 
 FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 """Encodings a model can be served in by dequantizing or casting whatever the file holds."""
-IN_BLOCKS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1")
-"""Block types the devices multiply without dequantizing them first (`kernels/quant.KINDS`): a GGUF of these runs
-in them, and a float checkpoint can be quantized to them at load (`--quantization-encoding q8_0`)."""
+IN_BLOCKS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q4_k")
+"""Block types the devices multiply without dequantizing them first (`kernels/quant.KINDS`): a GGUF's tensors of
+these stay in them."""
+QUANTIZE_AT_LOAD: tuple[str, ...] = ("q8_0", "q4_0", "q4_1")
+"""Those a float checkpoint can be quantized to at load (`--quantization-encoding q8_0`; gguf-py's quantizers)."""
 
 # llama_ftype -> encoding. The K-quant "mixes" (_S/_M/_L) differ only in which tensors get a bigger type; the
 # bulk of the weights share one type, which is what the encoding names (as MAX's `q4_k` covers Q4_K_M).

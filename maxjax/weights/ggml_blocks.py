@@ -71,7 +71,7 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:  # d: f16, 32 int8 q; w = q * d
     return w
 
 
-def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K / Q5_K: d * scale and dmin * min of the 8 sub-blocks of 32, as float32 [n_blocks, 8, 1].
 
     Bytes 4-15 hold eight 6-bit scales and eight 6-bit mins: bytes 0-3 (of those 12) the low 6 bits of scales
@@ -85,7 +85,7 @@ def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q4_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin: f16, 12 bytes of scales, 128 bytes of 4-bit q
-    d, dm = _k_scales(blocks)
+    d, dm = k_scales(blocks)
     w = _nibbles(blocks[:, 16:], 4).reshape(-1, 8, 32)
     w *= d
     w -= dm
@@ -93,7 +93,7 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:  # d, dmin: f16, 12 bytes of scales
 
 
 def _q5_k(blocks: np.ndarray) -> np.ndarray:  # as Q4_K, with the fifth bits in 32 bytes before the low bits
-    d, dm = _k_scales(blocks)
+    d, dm = k_scales(blocks)
     w = _nibbles(blocks[:, 48:], 4).reshape(-1, 8, 32)
     high = blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]  # bit i of byte j: sub-block i, value j
     w += (high & 1) << 4
