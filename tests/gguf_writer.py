@@ -61,14 +61,37 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     return packed.reshape(rows, n // 256 * 144)
 
 
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, n] (n a multiple of 256) as Q6_K super-blocks, uint8 [rows, n / 256 * 210]: 6-bit codes
+    q (w = d sc (q - 32)) as 128 bytes of low 4 bits and 64 of high 2, an int8 scale per 16 weights under the
+    super-block's float16 d. A plain max fit, as `quantize_q4_k`'s."""
+    rows, n = w.shape
+    x = w.reshape(-1, 16, 16).astype(np.float32)
+    scale = np.abs(x).max(axis=-1) / 31  # [S, 16]
+    d = (scale.max(axis=-1, keepdims=True) / 127).astype(np.float16)
+    df = d.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), -128, 127).astype(np.int8)
+    step = (df * sc)[..., None]
+    q = np.clip(np.rint(np.divide(x, step, out=np.zeros_like(x), where=step > 0)), -32, 31).astype(np.int16) + 32
+    q = q.astype(np.uint8).reshape(-1, 2, 4, 32)  # [S, group, s, l]: block 4 group + s, value l
+    packed = np.empty((x.shape[0], 210), np.uint8)
+    low = q & 0x0F
+    packed[:, :128] = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(-1, 128)
+    shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
+    packed[:, 128:192] = np.bitwise_or.reduce(((q >> 4) & 3) << shifts, axis=2).reshape(-1, 64)
+    packed[:, 192:208] = sc.view(np.uint8)
+    packed[:, 208:210] = d.view(np.uint8)
+    return packed.reshape(rows, n // 256 * 210)
+
+
 def quantize(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A 2-D tensor in `qtype` (Q4_K where its rows are whole super-blocks, else Q8_0, as llama.cpp falls back),
-    a 1-D one in F32."""
+    """A 2-D tensor in `qtype` (a K-quant where its rows are whole super-blocks, else Q8_0, as llama.cpp falls
+    back), a 1-D one in F32."""
     if w.ndim != 2:
         return gguf.quants.quantize(w, Q.F32), Q.F32
-    if qtype == Q.Q4_K:
+    if qtype in (Q.Q4_K, Q.Q6_K):
         if w.shape[1] % 256 == 0:
-            return quantize_q4_k(w), Q.Q4_K
+            return (quantize_q4_k(w) if qtype == Q.Q4_K else quantize_q6_k(w)), qtype
         qtype = Q.Q8_0
     return gguf.quants.quantize(w, qtype), qtype
 ARCHES = {
@@ -115,9 +138,10 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def write_gguf(
     path: Path, arch: str, config: dict[str, Any], weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType,
-    *, name: str = "tiny",
+    *, name: str = "tiny", q6_k: tuple[str, ...] = (),
 ) -> str:
-    """Write `weights` (float32, HF names of a text model) as llama.cpp's `arch`; returns the file's SHA-256."""
+    """Write `weights` (float32, HF names of a text model) as llama.cpp's `arch`; returns the file's SHA-256.
+    Tensors whose names end with one of `q6_k` are stored as Q6_K (as a Q4_K_M file stores some)."""
     cfg = text_config(config)
     n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_heads
@@ -178,7 +202,7 @@ def write_gguf(
             continue  # tied: llama.cpp skips it
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"gguf-py has no {arch} name for {hf_name}"
-        data, stored = quantize(w, qtype)
+        data, stored = quantize(w, Q.Q6_K if hf_name.endswith(q6_k) and q6_k else qtype)
         writer.add_tensor(gguf_name, data, raw_dtype=stored)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,6 +1,6 @@
 """The quantized projection kernel (maxjax/kernels/qproject.cc, repacked by kernels/quant.py): the product of
-float32 rows with GGUF's Q8_0, Q4_0, Q4_1 and Q4_K blocks equals the product with the blocks dequantized as ggml does,
-to float32's rounding; with int8 activations (Q4_*, where the build has them: `Kernels.int8`), to within the
+float32 rows with GGUF's Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K blocks equals the product with them dequantized
+as ggml does, to float32's rounding; with int8 activations (Q4_*, where the build has them: `Kernels.int8`), to within the
 error of rounding x to int8, bounded per block (`int8_bound`), and equal to that rounding done in NumPy."""
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ def built() -> kernels.Kernels:
 
 def random_blocks(kind: str, out: int, in_: int, seed: int) -> np.ndarray:
     """uint8 [out, in / block weights * block bytes]: every code value possible, finite float16 scales (and
-    minimums; Q4_K: its factors d and dmin, any 6-bit scales and minimums)."""
+    minimums; K-quants: their float16 factors, any 6- or 8-bit scales)."""
     k = quant.KINDS[kind]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (out, in_ // k.block_weights, k.block_bytes), dtype=np.uint8)
     scales = (rng.standard_normal((out, in_ // k.block_weights, k.scales)) * (0.02 if k.block_weights == 32 else 5e-4))
     scales = scales.astype("<f2")
-    blocks[..., : 2 * k.scales] = scales.view(np.uint8)
+    if k.halves:  # Q6_K: one float16 factor, at the end of the super-block
+        blocks[..., -2:] = scales[..., :1].view(np.uint8)
+    else:
+        blocks[..., : 2 * k.scales] = scales.view(np.uint8)
     return blocks.reshape(out, -1)
 
 
@@ -95,30 +98,32 @@ def test_repack_layout() -> None:
                     assert not codes.any() and not scales[:, o % panel].any()
 
 
-def test_q4_k_is_packed_as_q4_1(built: kernels.Kernels) -> None:
-    """Each block of 32 of a Q4_K super-block is a Q4_1 block whose scale d sc and minimum -dmin m are float32
-    (exact: a float16 times a 6-bit integer): the packed panels decode to ggml's values exactly, in the kernel's
-    order for int8 activations too."""
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_k_quants_are_packed_exactly(built: kernels.Kernels, kind: str) -> None:
+    """Each block of 32 of a K-quant super-block becomes a block of the packed layout with float32 scales, exact
+    (a float16 factor times a 6- or 8-bit integer): Q4_K a Q4_1 block (d sc, -dmin m), Q5_K int8 codes 0..31
+    with d sc and -dmin m, Q6_K int8 codes q - 32 with the scales of its two halves. The packed panels (in the
+    kernel's order for int8 activations too, Q4_K) and XLA's decoding of the file's bytes give ggml's values."""
     out, in_ = 21, 512
-    raw = random_blocks("q4_k", out, in_, seed=12)
-    want = quant.dequantize("q4_k", raw, out, in_)
+    raw = random_blocks(kind, out, in_, seed=quant.KINDS[kind].ggml_type)
+    want = quant.dequantize(kind, raw, out, in_)
     rows = np.arange(out)
-    for int8 in (False, True):
-        packed = quant.repack("q4_k", raw, out, in_, built.panel, int8)
-        got = np.asarray(jax.jit(quant.panel_rows, static_argnums=(0, 3, 4, 5))("q4_k", packed, rows, built.panel,
-                                                                                np.float32, int8))
-        np.testing.assert_array_equal(got, want)
-    xla = np.asarray(jax.jit(quant.dequantize_xla, static_argnums=0)("q4_k", raw))
+    lookup = jax.jit(quant.panel_rows, static_argnums=(0, 3, 4, 5))
+    for int8 in (False, True) if kind == "q4_k" else (False,):
+        packed = quant.repack(kind, raw, out, in_, built.panel, int8)
+        np.testing.assert_array_equal(np.asarray(lookup(kind, packed, rows, built.panel, np.float32, int8)), want)
+    xla = np.asarray(jax.jit(quant.dequantize_xla, static_argnums=0)(kind, raw))
     np.testing.assert_array_equal(xla, want)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 70])
 @pytest.mark.parametrize(("out", "in_"), [(37, 96), (200, 576), (5, 1536)])
 @pytest.mark.parametrize(("kind", "int8"), [("q8_0", False), ("q4_0", False), ("q4_1", False), ("q4_0", True),
-                                            ("q4_1", True), ("q4_k", False), ("q4_k", True)])
+                                            ("q4_1", True), ("q4_k", False), ("q4_k", True), ("q5_k", False),
+                                            ("q6_k", False)])
 def test_qproject_matches_dequantized(built: kernels.Kernels, kind: str, int8: bool, rows: int, out: int,
                                       in_: int) -> None:
-    if kind == "q4_k":
+    if kind.endswith("_k"):
         in_ = -(-in_ // 256) * 256  # whole super-blocks
     if int8 and not built.int8:
         pytest.skip("this build has no int8 path (AVX2 or AVX-512 only)")
@@ -142,8 +147,8 @@ def test_leading_axes_and_the_graph(built: kernels.Kernels) -> None:
 
 
 def test_bad_arguments_say_what_is_expected() -> None:
-    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1, q4_k"):
-        quant.repack("q6_k", np.zeros(210, np.uint8), 1, 256, 16)
+    with pytest.raises(ValueError, match="q8_0, q4_0, q4_1, q4_k, q5_k, q6_k"):
+        quant.repack("q3_k", np.zeros(110, np.uint8), 1, 256, 16)
     with pytest.raises(ValueError, match="whole number"):
         quant.repack("q8_0", np.zeros(34, np.uint8), 1, 48, 16)
     with pytest.raises(ValueError, match="68 bytes"):

@@ -129,10 +129,12 @@ def test_in_blocks_are_the_kernels_kinds() -> None:
     assert set(encodings.QUANTIZE_AT_LOAD) <= set(encodings.IN_BLOCKS)
 
 
-def test_q4_k_runs_in_its_blocks(tmp_path: Path) -> None:
-    """A Q4_K file (a random Llama 256 wide: K-quants take rows of whole 256-weight super-blocks; narrower rows
-    fall back to Q8_0, as llama.cpp's do) keeps every Q4_K tensor in its blocks, the embedding table too, in the
-    kernel's panels and in XLA's form, and both give the logits of the file dequantized at load."""
+def test_k_quants_run_in_their_blocks(tmp_path: Path) -> None:
+    """A file mixed as Q4_K_M files are (a random Llama 256 wide, since K-quants take rows of whole 256-weight
+    super-blocks: Q4_K, with V and the MLP's down projection in Q6_K) keeps each tensor in its own blocks, the
+    embedding table too, in the kernel's panels and in XLA's form, and both give the logits of the file
+    dequantized at load. Q/K/V, fused from Q4_K and Q6_K rows, is the one matrix of two encodings: it is
+    dequantized at load."""
     built = kernels.load()
     assert built is not None
     config = json.loads((FIXTURES / "llama" / "config.json").read_text())
@@ -149,7 +151,7 @@ def test_q4_k_runs_in_its_blocks(tmp_path: Path) -> None:
     weights = {name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else
                       0.08 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
     path = tmp_path / "llama-q4_k.gguf"
-    write_gguf(path, "llama", config, weights, Q["Q4_K"], name="tiny-q4k")
+    write_gguf(path, "llama", config, weights, Q["Q4_K"], name="tiny-q4k", q6_k=("v_proj.weight", "down_proj.weight"))
     tokens = rng.integers(3, 260, 40)
     runs = {}
     for name, backend, encoding in [("dense", None, "float32"), ("kernel", None, None), ("xla", Backend(), None)]:
@@ -157,12 +159,13 @@ def test_q4_k_runs_in_its_blocks(tmp_path: Path) -> None:
         runs[name] = paged_logits(loaded, tokens, [17], backend)
         layouts = {h.layout for h in holders(loaded)}
         if name == "kernel":
-            assert layouts == {CpuQuantPanels("q4_k", built.panel)}, layouts
+            assert layouts == {CpuQuantPanels("q4_k", built.panel), CpuQuantPanels("q6_k", built.panel),
+                               CpuPanels(built.panel)}, layouts
         elif name == "xla":
-            assert layouts == {GGUFBlocks("q4_k")}, layouts
+            assert GGUFBlocks("q4_k") in layouts and GGUFBlocks("q6_k") in layouts, layouts
     for name in ("kernel", "xla"):
         err = np.abs(runs[name] - runs["dense"]).max()
-        print(f"Q4_K, {name}: {err:.2e} from dequantized at load (spread {runs['dense'].std():.2f})")
+        print(f"Q4_K + Q6_K, {name}: {err:.2e} from dequantized at load (spread {runs['dense'].std():.2f})")
         assert err <= TOLERANCE
 
 

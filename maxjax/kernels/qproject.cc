@@ -1,18 +1,19 @@
 // maxjax_qproject: y[r, o] = sum_i x[r, i] * W[o, i] on CPU with W in GGUF's blocks of 32 weights (Q8_0, Q4_0,
-// Q4_1), dequantized in registers; x, y and the sums float32 (or int8 x and integer sums with the `int8`
-// attribute, below). maxjax/kernels/quant.py repacks the file's blocks.
+// Q4_1; Q4_K, Q5_K and Q6_K rewritten as blocks of 32 by kernels/quant.py), dequantized in registers; x, y and
+// the sums float32 (or int8 x and integer sums with the `int8` attribute, below). maxjax/kernels/quant.py
+// repacks the file's blocks.
 //
 // Why: a decode step on CPU is bound by the bytes of weight it reads, and float32 weights are 4 bytes each where
 // the file's blocks are 0.56-1.06. Dequantizing inside the product reads those bytes (plus float32 scales) once.
 //
 // Layout, one uint8 array [panels, in / 32, stride]: for panel p (output columns p * P .. p * P + P - 1, the last
 // zero-padded) and block b (inputs 32 b .. 32 b + 31), `stride` bytes of
-//   codes  [C][P] bytes  Q8_0: C = 32, codes[k][j] = q[p P + j][32 b + k] (int8)
+//   codes  [C][P] bytes  Q8_0, Q5_K, Q6_K: C = 32, codes[k][j] = q[p P + j][32 b + k] (int8)
 //                        Q4_*: C = 16, codes[k][j] = GGUF's byte k of the block: low nibble q[.][32 b + k],
 //                              high nibble q[.][32 b + k + 16] (unsigned)
 //   d      [P] float32   the block's scale
-//   m      [P] float32   Q4_1 only: the block's minimum
-// so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1), as ggml decodes them. A block of a panel is one contiguous
+//   m      [P] float32   Q4_1, Q5_K: the block's minimum; Q6_K: the scale of the block's second half
+// so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1, Q5_K), d_half q (Q6_K), as ggml decodes them. A block of a panel is one contiguous
 // run (P = 16: 576 / 320 / 384 bytes), read once per call. As in project.cc, each input position's P codes (NV
 // vectors, widened to float in registers) meet x[r, i] broadcast for MR rows into MR x NV register sums, with no
 // horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i,
@@ -24,6 +25,8 @@
 // meet 4 broadcast bytes of xq in vpmaddubsw (32 byte products an instruction against a float FMA's 8), 16-bit
 // sums over a block (at most 8 x 2 x 15 x 127 = 30480), one vpmaddwd to 32 bits, d dx per block in float; the
 // minimums meet dx sum_i xq_i. The error is sum_i w_i (dx xq_i - x_i): at most dx / 2 sum_i |w_i| a block.
+//
+// One file past 400 lines: the float and int8 tiles share the block formats, the dispatch and the handler.
 //
 // Work is split by panels among the calling thread and XLA's intra-op pool (parallel.h). Written with GCC/Clang
 // vector extensions, with intrinsics only to widen the codes (AVX2, AVX-512, NEON; plain loops on other CPUs, so
@@ -69,12 +72,15 @@ constexpr int64_t kPrefetchBytes = 2048;
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // ggml's type numbers: the `kind` attribute.
-enum Kind : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8 };
+enum Kind : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ5_K = 13, kQ6_K = 14 };
 
 template <int64_t K>
 struct Format {
-  static constexpr int kCodeRows = K == kQ8_0 ? kBlock : kBlock / 2;  // rows of P code bytes a block
-  static constexpr int kScales = K == kQ4_1 ? 2 : 1;
+  static constexpr bool kNibbles = K == kQ4_0 || K == kQ4_1;  // two 4-bit codes a byte, else one int8 code
+  static constexpr int kCodeRows = kNibbles ? kBlock / 2 : kBlock;  // rows of P code bytes a block
+  static constexpr int kScales = K == kQ4_0 || K == kQ8_0 ? 1 : 2;
+  static constexpr int kHalves = K == kQ6_K ? 2 : 1;  // Q6_K: a scale for each half of the block, no minimum
+  static constexpr bool kMin = K != kQ8_0 && K != kQ6_K;  // a minimum per block (Q4_0's is -8 d)
   static constexpr int64_t kStride = kPanel * (kCodeRows + kScales * sizeof(float));
 };
 
@@ -149,53 +155,58 @@ void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t 
     const uint8_t* codes = wp + b * F::kStride;
     const uint8_t* scales = codes + F::kCodeRows * kPanel;
     for (int64_t line = 0; line < F::kStride; line += 64) __builtin_prefetch(codes + kPrefetchBytes + line, 0, 3);
-    Vec part[S][R][kNV];
-    for (int s = 0; s < S; ++s)
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < kNV; ++v) part[s][r][v] = Vec{};
     const float* xb = x + b * kBlock;
-    // k steps by S with s unrolled, so each partial sum is a register (indexing them by k % S kept them on the
-    // stack: 2-3x slower at one row).
-    for (int k0 = 0; k0 < F::kCodeRows; k0 += S) {
+    for (int h = 0; h < F::kHalves; ++h) {
+      Vec part[S][R][kNV];
+      for (int s = 0; s < S; ++s)
+        for (int r = 0; r < R; ++r)
+          for (int v = 0; v < kNV; ++v) part[s][r][v] = Vec{};
+      // k steps by S with s unrolled, so each partial sum is a register (indexing them by k % S kept them on the
+      // stack: 2-3x slower at one row).
+      for (int k0 = h * F::kCodeRows / F::kHalves; k0 < (h + 1) * F::kCodeRows / F::kHalves; k0 += S) {
 #pragma GCC unroll 4
-      for (int s = 0; s < S; ++s) {
-        const int k = k0 + s;
-        const uint8_t* row = codes + k * kPanel;
-        // The codes first, then row by row: one row's broadcasts live at a time (AVX2 has 16 registers).
-        if (K == kQ8_0) {
-          Vec w[kNV];
-          for (int v = 0; v < kNV; ++v) w[v] = to_float(widen_s8(row + v * kLanes));
-          for (int r = 0; r < R; ++r) {
-            const float xs = xb[r * n_in + k];
-            for (int v = 0; v < kNV; ++v) part[s][r][v] += w[v] * xs;
-          }
-        } else {
-          Vec lo[kNV], hi[kNV];
-          for (int v = 0; v < kNV; ++v) {
-            const IVec q = widen_u8(row + v * kLanes);
-            lo[v] = to_float(q & 15);
-            hi[v] = to_float(q >> 4);
-          }
-          for (int r = 0; r < R; ++r) {
-            const float x0 = xb[r * n_in + k], x1 = xb[r * n_in + k + 16];
+        for (int s = 0; s < S; ++s) {
+          const int k = k0 + s;
+          const uint8_t* row = codes + k * kPanel;
+          // The codes first, then row by row: one row's broadcasts live at a time (AVX2 has 16 registers).
+          if (!F::kNibbles) {
+            Vec w[kNV];
+            for (int v = 0; v < kNV; ++v) w[v] = to_float(widen_s8(row + v * kLanes));
+            for (int r = 0; r < R; ++r) {
+              const float xs = xb[r * n_in + k];
+              for (int v = 0; v < kNV; ++v) part[s][r][v] += w[v] * xs;
+            }
+          } else {
+            Vec lo[kNV], hi[kNV];
             for (int v = 0; v < kNV; ++v) {
-              part[(2 * s) % S][r][v] += lo[v] * x0;
-              part[(2 * s + 1) % S][r][v] += hi[v] * x1;
+              const IVec q = widen_u8(row + v * kLanes);
+              lo[v] = to_float(q & 15);
+              hi[v] = to_float(q >> 4);
+            }
+            for (int r = 0; r < R; ++r) {
+              const float x0 = xb[r * n_in + k], x1 = xb[r * n_in + k + 16];
+              for (int v = 0; v < kNV; ++v) {
+                part[(2 * s) % S][r][v] += lo[v] * x0;
+                part[(2 * s + 1) % S][r][v] += hi[v] * x1;
+              }
             }
           }
         }
       }
+      for (int v = 0; v < kNV; ++v) {  // the half's scale: d (Q6_K: this half's d)
+        const Vec d = load<Vec>(scales + (h * kPanel + v * kLanes) * sizeof(float));
+        for (int r = 0; r < R; ++r) {
+          Vec sum = part[0][r][v];
+          for (int t = 1; t < S; ++t) sum += part[t][r][v];
+          acc[r][v] += sum * d;
+        }
+      }
     }
-    for (int v = 0; v < kNV; ++v) {
-      const Vec d = load<Vec>(scales + v * sizeof(Vec));
-      Vec m = Vec{};
-      if (K == kQ4_1) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
-      if (K == kQ4_0) m = d * -8.0f;
-      for (int r = 0; r < R; ++r) {
-        Vec sum = part[0][r][v];
-        for (int t = 1; t < S; ++t) sum += part[t][r][v];
-        acc[r][v] += sum * d;
-        if (K != kQ8_0) acc[r][v] += m * sx[r * blocks + b];
+    if (F::kMin) {
+      for (int v = 0; v < kNV; ++v) {
+        const Vec m = K == kQ4_0 ? load<Vec>(scales + v * sizeof(Vec)) * -8.0f
+                                 : load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+        for (int r = 0; r < R; ++r) acc[r][v] += m * sx[r * blocks + b];
       }
     }
   }
@@ -226,11 +237,12 @@ void dequantize_panel(const uint8_t* wp, float* out, int64_t blocks) {
     for (int v = 0; v < kNV; ++v) {
       const Vec d = load<Vec>(scales + v * sizeof(Vec));
       Vec m = Vec{};
-      if (K == kQ4_1) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+      if (F::kMin && K != kQ4_0) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
       for (int k = 0; k < F::kCodeRows; ++k) {
         const uint8_t* row = codes + k * kPanel + v * kLanes;
-        if (K == kQ8_0) {
-          const Vec w = to_float(widen_s8(row)) * d;
+        if (!F::kNibbles) {
+          const Vec dk = K == kQ6_K && k >= kBlock / 2 ? load<Vec>(scales + (kPanel + v * kLanes) * sizeof(float)) : d;
+          const Vec w = to_float(widen_s8(row)) * dk + m;
           std::memcpy(ob + k * kPanel + v * kLanes, &w, sizeof(Vec));
         } else {
           const IVec q = widen_u8(row);
@@ -329,7 +341,7 @@ void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, i
   const int64_t blocks = n_in / kBlock, panel_bytes = blocks * Format<K>::kStride;
   const int64_t panels = (n_out + kPanel - 1) / kPanel;
 #if defined(__AVX2__)
-  if (int8 && K != kQ8_0) {
+  if (int8 && Format<K>::kNibbles) {
     std::vector<int8_t> xq(rows * n_in);
     std::vector<float> dx(rows * blocks), sx(rows * blocks);  // each row's scale and float sum over each block
     quantize_rows(xp, rows, n_in, xq.data(), dx.data());
@@ -368,7 +380,7 @@ void run(ffi::ThreadPool& pool, const float* xp, const uint8_t* wp, float* yp, i
     });
     return;
   }
-  std::vector<float> sums(K == kQ8_0 ? 0 : rows * blocks);  // each row's sum over each block
+  std::vector<float> sums(Format<K>::kMin ? rows * blocks : 0);  // each row's sum over each block
   for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
     const float* xs = xp + i * kBlock;
     float s = 0.0f;
@@ -394,11 +406,17 @@ ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   int64_t stride;
   if (int8 && !kInt8)
     return ffi::Error::InvalidArgument("maxjax_qproject: this build has no int8 path (maxjax_int8_activations)");
+  if (int8 && kind != kQ4_0 && kind != kQ4_1)
+    return ffi::Error::InvalidArgument("maxjax_qproject: int8 activations are for Q4_0 and Q4_1 panels");
   switch (kind) {
     case kQ8_0: stride = Format<kQ8_0>::kStride; break;
     case kQ4_0: stride = Format<kQ4_0>::kStride; break;
     case kQ4_1: stride = Format<kQ4_1>::kStride; break;
-    default: return ffi::Error::InvalidArgument("maxjax_qproject: kind is a ggml type: Q4_0 (2), Q4_1 (3), Q8_0 (8)");
+    case kQ5_K: stride = Format<kQ5_K>::kStride; break;
+    case kQ6_K: stride = Format<kQ6_K>::kStride; break;
+    default:
+      return ffi::Error::InvalidArgument(
+          "maxjax_qproject: kind is a ggml type: Q4_0 (2), Q4_1 (3), Q8_0 (8), Q5_K (13), Q6_K (14)");
   }
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -421,6 +439,8 @@ ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   switch (kind) {
     case kQ8_0: run<kQ8_0>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
     case kQ4_0: run<kQ4_0>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
+    case kQ5_K: run<kQ5_K>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
+    case kQ6_K: run<kQ6_K>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
     default: run<kQ4_1>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
   }
   return ffi::Error::Success();

@@ -2,13 +2,16 @@
 reads the file's 4- and 8-bit codes and dequantizes them in registers, so a decode step reads about a fifth of
 the bytes float32 weights cost.
 
-A tensor `[out, in]` of Q8_0, Q4_0, Q4_1 blocks (32 weights each, along `in`) or Q4_K super-blocks (256 weights:
-eight blocks of 32 with 6-bit scales and minimums under two float16 factors; each block's d sc and -dmin m are
-exact in float32, so a Q4_K block is a Q4_1 block with float32 scales, its nibbles reordered) becomes one uint8 array
+A tensor `[out, in]` of Q8_0, Q4_0, Q4_1 blocks (32 weights each, along `in`) or K-quant super-blocks (256
+weights: eight blocks of 32, or sixteen of 16, with small integer scales under float16 factors) becomes one uint8
+array
 `[ceil(out / P), in / 32, stride]`: for each panel of P output columns (the build's `Kernels.panel`, the last
 panel zero-padded) and each block of 32 inputs, the P columns' codes interleaved (`[32][P]` int8 for Q8_0;
 `[16][P]` bytes of two nibbles each for Q4_*, each column's bytes exactly as the file holds them), then their
-scales `d` `[P]` float32, then (Q4_1) their minimums `m` `[P]` float32. One contiguous run per panel block, read
+scales `d` `[P]` float32, then (Q4_1) their minimums `m` `[P]` float32. A K-quant's block of 32 is written as one of
+these with float32 scales, exactly (a float16 factor times a 6- or 8-bit integer): Q4_K as Q4_1 (d sc and -dmin m,
+its nibbles reordered), Q5_K as int8 codes 0..31 with d sc and -dmin m, Q6_K as int8 codes q - 32 with the
+scales of its two halves. One contiguous run per panel block, read
 once per call; the out axis first, so panels shard as `CpuPanels`' do. For the kernel's int8 activations
 (`int8=True`, Q4_* only), a block's codes are `[4][P][4]` instead: four of a column's bytes side by side.
 
@@ -43,6 +46,8 @@ class Kind:
     """Weights of one block in the file: 32, or a K-quant's super-block of 256."""
     packed_as: int = 0
     """The ggml type whose packed layout this one takes (the kernel's `kind` attribute): itself when 0."""
+    halves: bool = False
+    """Its two float32 vectors are the scales of the two halves of a block (Q6_K), not d and a minimum."""
 
     @property
     def kernel_type(self) -> int:
@@ -59,6 +64,11 @@ KINDS: dict[str, Kind] = {
     "q4_1": Kind(ggml_type=3, block_bytes=20, code_rows=16, scales=2),  # d, m: f16, 16 bytes; w = d q + m
     # d, dmin: f16, 12 bytes of 6-bit scales and minimums, 128 bytes of 4-bit q; w = d sc q - dmin m, packed as Q4_1
     "q4_k": Kind(ggml_type=12, block_bytes=144, code_rows=16, scales=2, block_weights=256, packed_as=3),
+    # as Q4_K, the fifth bits in 32 bytes before the low 4: packed as int8 codes 0..31 with d sc and -dmin m
+    "q5_k": Kind(ggml_type=13, block_bytes=176, code_rows=32, scales=2, block_weights=256),
+    # 128 bytes of low 4 bits, 64 of high 2, 16 int8 scales (one per 16 weights), d: f16; w = d sc (q - 32),
+    # packed as int8 codes q - 32 with d sc of each half of a block of 32 (no minimum)
+    "q6_k": Kind(ggml_type=14, block_bytes=210, code_rows=32, scales=2, block_weights=256, halves=True),
 }
 """The encodings the kernel multiplies, by maxjax's encoding name (`GGUFTensorInfo.encoding`)."""
 
@@ -89,11 +99,25 @@ def _codes_and_scales(kind: Kind, raw: np.ndarray, out: int, in_: int) -> tuple[
         return blocks[..., 2 * kind.scales :], blocks[..., : 2 * kind.scales].copy().view("<f2").astype("<f4")
     from maxjax.weights.ggml_blocks import k_scales
 
-    d, dm = k_scales(blocks.reshape(-1, kind.block_bytes))  # [out * super-blocks, 8, 1]
-    qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)  # four runs of 32 bytes: blocks 2j (low), 2j + 1 (high nibbles)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(out, in_ // BLOCK, BLOCK)
+    n32 = in_ // BLOCK
+    flat = blocks.reshape(-1, kind.block_bytes)
+    if kind.halves:  # Q6_K
+        low = flat[:, :128].reshape(-1, 2, 1, 64)  # two runs of 64 bytes: low nibbles, then high nibbles
+        six = np.concatenate([low & 0x0F, low >> 4], axis=2).reshape(-1, 2, 4, 32)
+        high = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+        signed = (six | ((high & 3) << 4)).astype(np.int16) - 32
+        d = flat[:, 208:210].copy().view("<f2").astype(np.float32) * flat[:, 192:208].view(np.int8)  # [n, 16]
+        return signed.astype(np.int8).view(np.uint8).reshape(out, n32, BLOCK), d.reshape(out, n32, 2)
+    d, dm = k_scales(flat)  # [out * super-blocks, 8, 1]
+    scales = np.concatenate([d, -dm], axis=-1).reshape(out, n32, 2)
+    if kind.code_rows == BLOCK:  # Q5_K: the low 4 bits as Q4_K's, bit i of byte j of the 32 the fifth of block i
+        qs = flat[:, 48:].reshape(-1, 4, 1, 32)
+        five = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
+        five |= ((flat[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4
+        return five.reshape(out, n32, BLOCK), scales
+    qs = flat[:, 16:].reshape(-1, 4, 1, 32)  # four runs of 32 bytes: blocks 2j (low), 2j + 1 (high nibbles)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(out, n32, BLOCK)
     codes = q[..., :16] | (q[..., 16:] << 4)  # Q4_1's order: byte k holds weights k and k + 16
-    scales = np.concatenate([d, -dm], axis=-1).reshape(out, in_ // BLOCK, 2)
     return codes, scales
 
 
@@ -145,9 +169,9 @@ def qproject(x: Any, packed: Any, kind: str, out: int, int8: bool = False) -> An
 # blocks on the device and are dequantized beside the matmul (or the lookup) that uses them.
 
 
-def _values(kind: Kind, codes: Any, d: Any, m: Any, dtype: Any) -> Any:
-    """Weights [..., 32] of blocks, from their codes (uint8 [..., 32] for Q8_0, read as int8; [..., 16] bytes of
-    two nibbles for Q4_*, low nibbles first) and scales d (and minimums m) [..., 1] float32."""
+def _values(kind: Kind, codes: Any, scales: Any, dtype: Any) -> Any:
+    """Weights [..., 32] of blocks in the packed layout, from their codes (uint8 [..., 32] read as int8, or
+    [..., 16] bytes of two nibbles for Q4_*, low nibbles first) and their float32 scales [..., kind.scales]."""
     import jax
     import jax.numpy as jnp
 
@@ -157,7 +181,10 @@ def _values(kind: Kind, codes: Any, d: Any, m: Any, dtype: Any) -> Any:
         q = jnp.concatenate([codes & 0x0F, codes >> 4], axis=-1).astype(jnp.float32)
         if kind.scales == 1:
             q = q - 8.0
-    w = q * d if m is None else q * d + m
+    if kind.halves:  # a scale for each half
+        w = q * jnp.repeat(scales, BLOCK // 2, axis=-1)
+    else:
+        w = q * scales[..., 0:1] if kind.scales == 1 else q * scales[..., 0:1] + scales[..., 1:2]
     return w.astype(dtype)
 
 
@@ -169,20 +196,42 @@ def dequantize_xla(kind: str, blocks: Any, dtype: Any = np.float32) -> Any:
 
     k = _kind(kind)
     b = blocks.reshape(*blocks.shape[:-1], -1, k.block_bytes)
+    if k.block_weights != BLOCK:
+        return _super_blocks(k, b, dtype).reshape(*blocks.shape[:-1], -1)
     halves = jax.lax.bitcast_convert_type(b[..., : 2 * k.scales].reshape(*b.shape[:-1], k.scales, 2), jnp.float16)
     scales = halves.astype(jnp.float32)  # [..., n_blocks, scales]
-    if k.block_weights != BLOCK:  # Q4_K: the super-block's factors times its blocks' 6-bit scales and minimums
-        a, c, e = (b[..., i : i + 4].astype(jnp.int32) for i in (4, 8, 12))
-        sc = jnp.concatenate([a & 0x3F, (e & 0x0F) | ((a >> 2) & 0x30)], axis=-1).astype(jnp.float32)
-        mn = jnp.concatenate([c & 0x3F, (e >> 4) | ((c >> 2) & 0x30)], axis=-1).astype(jnp.float32)
-        qs = b[..., 16:].reshape(*b.shape[:-1], 4, 1, 32)
-        q = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-2).astype(jnp.float32)  # [..., n, 4, 2, 32]
-        q = q.reshape(*b.shape[:-1], 8, 32)
-        w = q * (scales[..., 0:1] * sc)[..., None] - (scales[..., 1:2] * mn)[..., None]
-        return w.astype(dtype).reshape(*blocks.shape[:-1], -1)
-    m = scales[..., 1:2] if k.scales == 2 else None
-    w = _values(k, b[..., 2 * k.scales :], scales[..., 0:1], m, dtype)
+    w = _values(k, b[..., 2 * k.scales :], scales, dtype)
     return w.reshape(*blocks.shape[:-1], -1)
+
+
+def _super_blocks(k: Kind, b: Any, dtype: Any) -> Any:
+    """K-quant super-blocks uint8 [..., n, block bytes] -> weights [..., n, 256] (ggml's decoding, in the graph)."""
+    import jax
+    import jax.numpy as jnp
+
+    def f16(at: int) -> Any:
+        return jax.lax.bitcast_convert_type(b[..., at : at + 2], jnp.float16).astype(jnp.float32)[..., None]
+
+    lead = b.shape[:-1]
+    if k.halves:  # Q6_K
+        low = b[..., :128].reshape(*lead, 2, 1, 64)
+        q = jnp.concatenate([low & 0x0F, low >> 4], axis=-2).reshape(*lead, 2, 4, 32).astype(jnp.int32)
+        shifts = jnp.array([0, 2, 4, 6], jnp.uint8)[:, None]
+        high = (b[..., 128:192].reshape(*lead, 2, 1, 32) >> shifts).astype(jnp.int32)
+        q = ((q | ((high & 3) << 4)) - 32).astype(jnp.float32).reshape(*lead, 16, 16)
+        d = f16(208) * jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8).astype(jnp.float32)  # [..., n, 16]
+        return (q * d[..., None]).astype(dtype).reshape(*lead, 256)
+    a, c, e = (b[..., i : i + 4].astype(jnp.int32) for i in (4, 8, 12))
+    sc = jnp.concatenate([a & 0x3F, (e & 0x0F) | ((a >> 2) & 0x30)], axis=-1).astype(jnp.float32)
+    mn = jnp.concatenate([c & 0x3F, (e >> 4) | ((c >> 2) & 0x30)], axis=-1).astype(jnp.float32)
+    start = 16 if k.code_rows == 16 else 48  # Q5_K: the fifth bits first
+    qs = b[..., start:].reshape(*lead, 4, 1, 32)
+    q = jnp.concatenate([qs & 0x0F, qs >> 4], axis=-2).astype(jnp.int32).reshape(*lead, 8, 32)
+    if k.code_rows == BLOCK:
+        shifts = jnp.arange(8, dtype=jnp.uint8)[:, None]
+        q = q | (((b[..., None, 16:48] >> shifts) & 1).astype(jnp.int32) << 4)
+    w = q.astype(jnp.float32) * (f16(0) * sc)[..., None] - (f16(2) * mn)[..., None]
+    return w.astype(dtype).reshape(*lead, 256)
 
 
 def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.float32, int8: bool = False) -> Any:
@@ -205,6 +254,5 @@ def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.fl
     scale_bytes = blocks[..., k.code_rows * panel :].reshape(*blocks.shape[:-1], k.scales * panel, 4)
     scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.float32)  # [..., n_blocks, scales * P]
     scales = pick(scales, k.scales)  # [..., n_blocks, scales]
-    m = scales[..., 1:2] if k.scales == 2 else None
-    w = _values(k, codes, scales[..., 0:1], m, dtype)
+    w = _values(k, codes, scales, dtype)
     return w.reshape(*rows.shape, -1)

@@ -141,7 +141,7 @@ class GGUFBlocks:
     tensor the device multiplies in its blocks before `use_backend` moves it onto the device's own layout."""
 
     encoding: str
-    """The block type (`kernels/quant.KINDS`: q8_0, q4_0, q4_1, q4_k)."""
+    """The block type (`kernels/quant.KINDS`: q8_0, q4_0, q4_1, q4_k, q5_k, q6_k)."""
     dtype: str = "float32"
     """What the blocks are dequantized to (the model's serving dtype)."""
     packed: ClassVar[bool] = True

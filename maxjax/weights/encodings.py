@@ -19,7 +19,7 @@ from maxjax.errors import UserError
 
 FLOAT_ENCODINGS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 """Encodings a model can be served in by dequantizing or casting whatever the file holds."""
-IN_BLOCKS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q4_k")
+IN_BLOCKS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 """Block types the devices multiply without dequantizing them first (`kernels/quant.KINDS`): a GGUF's tensors of
 these stay in them."""
 QUANTIZE_AT_LOAD: tuple[str, ...] = ("q8_0", "q4_0", "q4_1")
