@@ -8,7 +8,8 @@
 Each server runs alone (they share the cores): llama.cpp's through `../shared/bench/llama_server.sh` (built
 once, about 8 minutes on 2 cores; 32 slots sharing 16,384 tokens of context for the chat table, one slot for the
 long prompts, since its slots split the context), then `max serve` with its defaults (run `max warm-cache` first, or the
-first requests pay for compiles). The tables print ratios maxjax / llama.cpp.
+first requests pay for compiles), timed once its log says it has given every executable its first run (work it
+defers past ready; llama.cpp has none). The tables print ratios maxjax / llama.cpp.
 
   .venv/bin/python scripts/bench_peers.py [--model PATH.gguf] [--concurrency 1,8,16,32] [--prompt-lens 500,1500,5000]
 """
@@ -100,12 +101,30 @@ def completion_seconds(port: int, ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
+SETTLED = "every executable has had its first run"
+"""What `max serve` logs once the work it defers past ready (loading executables, their first runs) is done."""
+
+
+def settle(log: Path, line: str, timeout: float = 180.0) -> None:
+    """Wait until the server's log holds `line`: start-up work it does after ready stays out of the timed runs."""
+    start_time = time.monotonic()
+    while time.monotonic() - start_time < timeout:
+        if line in log.read_text(errors="replace"):
+            print(f"settled {time.monotonic() - start_time:.1f} s after ready", file=sys.stderr)
+            return
+        time.sleep(0.5)
+    sys.exit(f"{log} never said {line!r} in {timeout:.0f} s")
+
+
 def measure(name: str, command: list[str], port: int, args: argparse.Namespace, prompts: dict[int, list[int]],
-            scratch: Path, alone: list[str] | None = None) -> dict[str, Any]:
-    """Both tables against the server `command` starts; the long prompts against `alone` instead where given (a
-    server configured for one request: llama.cpp divides its context among its slots)."""
+            scratch: Path, alone: list[str] | None = None, settled: str | None = None) -> dict[str, Any]:
+    """Both tables against the server `command` starts (once its log says `settled`, where given); the long
+    prompts against `alone` instead where given (a server configured for one request: llama.cpp divides its
+    context among its slots)."""
     process = start(command, port, scratch / f"{name}.log")
     try:
+        if settled is not None:
+            settle(scratch / f"{name}.log", settled)
         levels = chat_table(port, args.concurrency, args.num_requests, scratch / f"{name}.json")
         if alone is not None:
             stop(process)
@@ -141,10 +160,10 @@ def main() -> None:
                                        scratch, alone=["env", f"CTX={alone_ctx}", str(LLAMA_SCRIPT), str(model), "8102",
                                                        "1"])
     serve = [str(MAX), "serve", "--model", str(model), "--port", "8103"]
-    results["maxjax"] = measure("maxjax", serve, 8103, args, prompts, scratch)
+    results["maxjax"] = measure("maxjax", serve, 8103, args, prompts, scratch, settled=SETTLED)
     if args.int8:
         results["maxjax int8"] = measure("maxjax-int8", ["env", "MAXJAX_INT8_ACTIVATIONS=1", *serve], 8103, args,
-                                         prompts, scratch)
+                                         prompts, scratch, settled=SETTLED)
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
