@@ -86,7 +86,7 @@ def test_max_list_json_names_every_architecture() -> None:
     for entry in entries.values():
         assert entry["example_repo_ids"] and entry["default_encoding"] in entry["supported_encodings"] + ["bfloat16"]
         assert "float32" in entry["supported_encodings"]
-        assert entry["in_blocks_encodings"] == ["q8_0", "q4_0", "q4_1"]  # every architecture runs them quantized
+        assert entry["in_blocks_encodings"] == ["q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]  # on every one
     assert entries["Qwen3ForCausalLM"]["gguf_architectures"] == ["qwen3"]
 
 
@@ -97,7 +97,7 @@ def test_max_list_table_with_a_custom_architecture() -> None:
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["ARCHITECTURE", "ENCODINGS"]
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert "q4_1*" in rows["LlamaForCausalLM"] and "q4_k*" not in rows["LlamaForCausalLM"]
+    assert "q4_k*" in rows["LlamaForCausalLM"] and "q5_0*" not in rows["LlamaForCausalLM"]
     assert footnote.startswith("* multiplied in their blocks")
     assert set(rows) == BUILTINS | {"MyLlamaForCausalLM"}
     assert "example/my-llama" in rows["MyLlamaForCausalLM"]

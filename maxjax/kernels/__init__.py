@@ -225,10 +225,8 @@ def paged_attention(q: Any, k_new: Any, v_new: Any, k_pool: Any, v_pool: Any, pa
     """A step's attention, normalized: q [B, K, M, E] scaled queries over each row's cached past (read from the
     pool in place) and the step's new keys and values k_new, v_new [B, T, K, E], causally -> [B, K, M, E]."""
     import jax
-    import jax.numpy as jnp
 
-    t = k_new.shape[1]
-    k_t = jnp.pad(k_new.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, -t % WHOLE_VECTORS)))  # [B, K, E, T']
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, np.float32))
-    return call(q, k_t, v_new.transpose(0, 2, 1, 3), k_pool, v_pool, page_table, past_len, query_pos,
+    return call(q, k_new.transpose(0, 2, 3, 1), v_new.transpose(0, 2, 1, 3), k_pool, v_pool, page_table, past_len,
+                query_pos,
                 layer=np.int64(layer), window=np.int64(window or 0), softcap=np.float32(softcap or 0.0))

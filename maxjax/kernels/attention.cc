@@ -15,7 +15,7 @@
 //   q       [B, K, M, E]   float32, already scaled; M = new tokens x query heads per KV head (token-major)
 //   k pool  [L, N, K, E, S] keys transposed inside a page of S tokens; v pool [L, N, K, S, E]
 //   table   [B, P] int32 pages of each row; past [B] int32 cached tokens; qpos [B, M] int32 query positions
-//   k new   [B, K, E, T'] the step's keys, transposed, T' = T rounded up to 16; v new [B, K, T, E]
+//   k new   [B, K, E, T]  the step's keys, transposed; v new [B, K, T, E]
 //   m, l    [B, K, M] running max and sum; o [B, K, M, E] running (unnormalized) output (maxjax_paged_past)
 // Attributes: layer, window (0: none; key visible when qpos - kpos < window), softcap (0: none).
 #include <algorithm>
@@ -318,7 +318,13 @@ void attend(const Args& a, int64_t b, int64_t kh, int64_t m0, int64_t m1) {
     visit_block(a, t, runs, used, j0 * S);
   }
   if (a.k_new) {
-    const float* kn = a.k_new + (b * a.K + kh) * E * a.T_pad;
+    const float* kn = a.k_new + (b * a.K + kh) * E * a.T;
+    thread_local std::vector<float> padded;
+    if (a.T_pad != a.T) {  // a decode step's one key (or a few): copied into whole vectors of columns, zeros after
+      padded.assign(E * a.T_pad, 0.0f);
+      for (int64_t e = 0; e < E; ++e) std::copy(kn + e * a.T, kn + (e + 1) * a.T, padded.data() + e * a.T_pad);
+      kn = padded.data();
+    }
     const float* vn = a.v_new + (b * a.K + kh) * a.T * E;
     for (int64_t u = 0; u < a.T; u += kBlockKeys) {
       const int64_t width = std::min(kBlockKeys, a.T_pad - u);
@@ -367,15 +373,16 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 || knd.size() != 4 ||
       vnd.size() != 4 || kd[2] != qd[1] || kd[3] != qd[3] || vd[3] != kd[4] || vd[4] != qd[3] || td[0] != qd[0] ||
       knd[0] != qd[0] || knd[1] != qd[1] || knd[2] != qd[3] || vnd[0] != qd[0] || vnd[1] != qd[1] ||
-      vnd[3] != qd[3] || knd[3] < vnd[2] || knd[3] % kLanes != 0 || kd[4] % kLanes != 0 || qd[3] % kLanes != 0 ||
+      vnd[3] != qd[3] || knd[3] != vnd[2] || kd[4] % kLanes != 0 || qd[3] % kLanes != 0 ||
       layer < 0 || layer >= kd[0])
     return ffi::Error::InvalidArgument(
-        "maxjax_paged_attention: q [B,K,M,E], k_new [B,K,E,T'], v_new [B,K,T,E], k [L,N,K,E,S], v [L,N,K,S,E], "
-        "table [B,P]; S, E and T' whole vectors");
+        "maxjax_paged_attention: q [B,K,M,E], k_new [B,K,E,T], v_new [B,K,T,E], k [L,N,K,E,S], v [L,N,K,S,E], "
+        "table [B,P]; S and E whole vectors");
   std::vector<float> m_run(q.element_count() / qd[3]), l_run(m_run.size());
   const Args a{q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, nullptr, k_new.typed_data(),
                v_new.typed_data(), table.typed_data(), past.typed_data(), qpos.typed_data(), m_run.data(),
-               l_run.data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[4], td[1], vnd[2], knd[3],
+               l_run.data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[4], td[1], vnd[2],
+               (vnd[2] + kLanes - 1) / kLanes * kLanes,
                layer, window, softcap};
   const int64_t tiles = (a.M + kQueryTile - 1) / kQueryTile;
   maxjax::parallel_for(pool, a.B * a.K * tiles, [&a, tiles](int64_t i) {
