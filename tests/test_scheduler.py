@@ -271,3 +271,23 @@ def test_a_tail_matches_by_its_tokens_and_is_evicted_like_any_cached_page() -> N
     s.add(big)
     s.plan()
     assert len(big.pages) == 5 and s.pages.lookup_partial(b"", list(range(16))) == (0, 0)
+
+
+def test_a_full_page_is_not_taken_for_part_of_a_longer_prompt() -> None:
+    """Adopting a full page takes it out of the cache: worth it where the page completes the prompt, not for
+    the first few tokens of a prompt that goes on past it (as many prompts share a chat template's first tokens
+    of a page): the page stays for the prompt that repeats it whole."""
+    s = make(num_pages=17)
+    a = Request("a", list(range(40)), SamplingParams(max_tokens=4))
+    s.add(a)
+    while a.in_prefill:
+        run_prefill(s)
+    s.finish(a)  # pages 0 and 1 full, page 2 a tail (tokens 32..39)
+    b = Request("b", list(range(20)) + [99] * 20, SamplingParams(max_tokens=4))
+    s.add(b)
+    s.plan()
+    assert b.prefix_hit == 16, "four tokens of the second page are not worth taking it from the cache"
+    again = Request("again", list(range(40)), SamplingParams(max_tokens=4))
+    s.add(again)
+    s.plan()
+    assert again.prefix_hit == 39

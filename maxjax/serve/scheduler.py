@@ -134,7 +134,10 @@ class PageAllocator:
 
     def lookup_partial(self, before: PageHash, tokens: list[int]) -> tuple[int, int]:
         """The cached page nobody references, after the prefix `before`, whose tokens start the same as `tokens`
-        for longest: (page, tokens matched); (0, 0) when none matches one."""
+        for longest: (page, tokens matched); (0, 0) when none matches one. A full page (one that `lookup` can
+        share) counts only where it holds all of `tokens`: adopting it takes it out of the cache, which is worth
+        it when it completes a prompt, not for a few tokens of a prompt that goes on past it (many prompts share
+        a chat template's first tokens of a page, and would take from each other the pages they repeat)."""
         best, best_n = 0, 0
         for page, held in self._after.get(before, {}).items():
             if self._refs[page]:
@@ -144,6 +147,8 @@ class PageAllocator:
                 if a != b:
                     break
                 n += 1
+            if page in self._hash_of and n < len(tokens):
+                continue
             if n > best_n:
                 best, best_n = page, n
         return best, best_n
