@@ -338,6 +338,15 @@ void attend(const Args& a, int64_t b, int64_t kh, int64_t m0, int64_t m1) {
   }
 }
 
+// Every (row, KV head, query tile) of the step, shared among the cores.
+void attend_all(ffi::ThreadPool& pool, const Args& a) {
+  const int64_t tiles = (a.M + kQueryTile - 1) / kQueryTile;
+  maxjax::parallel_for(pool, a.B * a.K * tiles, [&a, tiles](int64_t i) {
+    const int64_t m0 = i % tiles * kQueryTile, bk = i / tiles;
+    attend(a, bk / a.K, bk % a.K, m0, std::min(a.M, m0 + kQueryTile));
+  });
+}
+
 ffi::Error PagedPast(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> past,
                      ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::F32> m_in, ffi::Buffer<ffi::F32> l_in,
@@ -355,11 +364,7 @@ ffi::Error PagedPast(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   if (a.S % kLanes != 0 || a.E % kLanes != 0) {
     maxjax::parallel_for(pool, a.B * a.K, [&a](int64_t i) { attend_scalar(a, i / a.K, i % a.K); });
   } else {
-    const int64_t tiles = (a.M + kQueryTile - 1) / kQueryTile;  // one work item: a (row, KV head, query tile)
-    maxjax::parallel_for(pool, a.B * a.K * tiles, [&a, tiles](int64_t i) {
-      const int64_t m0 = i % tiles * kQueryTile, bk = i / tiles;
-      attend(a, bk / a.K, bk % a.K, m0, std::min(a.M, m0 + kQueryTile));
-    });
+    attend_all(pool, a);
   }
   return ffi::Error::Success();
 }
@@ -384,11 +389,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                l_run.data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[1], kd[4], td[1], vnd[2],
                (vnd[2] + kLanes - 1) / kLanes * kLanes,
                layer, window, softcap};
-  const int64_t tiles = (a.M + kQueryTile - 1) / kQueryTile;
-  maxjax::parallel_for(pool, a.B * a.K * tiles, [&a, tiles](int64_t i) {
-    const int64_t m0 = i % tiles * kQueryTile, bk = i / tiles;
-    attend(a, bk / a.K, bk % a.K, m0, std::min(a.M, m0 + kQueryTile));
-  });
+  attend_all(pool, a);
   return ffi::Error::Success();
 }
 
