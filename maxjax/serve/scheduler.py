@@ -67,9 +67,9 @@ class PageAllocator:
         self._refs = [0] * num_pages
         self._by_hash: dict[PageHash, int] = {}
         self._hash_of: dict[int, PageHash] = {}
-        self._after: dict[PageHash, dict[int, tuple[int, ...]]] = {}
-        """Cached pages by the prefix hash before them: page -> the tokens it holds."""
-        self._before_of: dict[int, PageHash] = {}
+        self._after: dict[tuple[PageHash, int], dict[int, tuple[int, ...]]] = {}
+        """Cached pages by the prefix hash before them and their first token: page -> the tokens it holds."""
+        self._key_of: dict[int, tuple[PageHash, int]] = {}
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         """Cached pages nobody references, least recently used first."""
 
@@ -98,26 +98,26 @@ class PageAllocator:
     def _forget(self, page: int) -> None:
         if page in self._hash_of:
             del self._by_hash[self._hash_of.pop(page)]
-        if page in self._before_of:
-            before = self._before_of.pop(page)
-            del self._after[before][page]
-            if not self._after[before]:
-                del self._after[before]
+        if page in self._key_of:
+            key = self._key_of.pop(page)
+            del self._after[key][page]
+            if not self._after[key]:
+                del self._after[key]
 
     def _know(self, page: int, before: PageHash, tokens: tuple[int, ...]) -> None:
-        self._before_of[page] = before
-        self._after.setdefault(before, {})[page] = tokens
+        self._key_of[page] = (before, tokens[0])
+        self._after.setdefault((before, tokens[0]), {})[page] = tokens
 
     def release(self, pages: list[int], tail: Tail | None = None) -> None:
         """Drop one reference to each page; keep `tail`'s page (one of them, referenced only here, not a full
         page already known) cached as a tail."""
-        if tail is not None and self._refs[tail.page] == 1 and tail.page not in self._before_of:
+        if tail is not None and self._refs[tail.page] == 1 and tail.page not in self._key_of:
             self._know(tail.page, tail.before, tail.tokens)
         for page in pages:
             self._refs[page] -= 1
             assert self._refs[page] >= 0, page
             if self._refs[page] == 0:
-                if page in self._before_of:
+                if page in self._key_of:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
@@ -139,7 +139,7 @@ class PageAllocator:
         it when it completes a prompt, not for a few tokens of a prompt that goes on past it (many prompts share
         a chat template's first tokens of a page, and would take from each other the pages they repeat)."""
         best, best_n = 0, 0
-        for page, held in self._after.get(before, {}).items():
+        for page, held in self._after.get((before, tokens[0]), {}).items() if tokens else ():
             if self._refs[page]:
                 continue  # read by a running request: it may not be written
             n = 0
@@ -155,7 +155,7 @@ class PageAllocator:
 
     def adopt(self, page: int) -> None:
         """Take a cached page nobody references as a page of one's own, to write on into: out of the cache."""
-        assert self._refs[page] == 0 and page in self._before_of, page
+        assert self._refs[page] == 0 and page in self._key_of, page
         del self._evictable[page]
         self._forget(page)
         self._refs[page] = 1
@@ -174,7 +174,7 @@ class PageAllocator:
         """Record that full `page` holds the prefix `h`: the prefix `before`, then `tokens` (first writer wins;
         the page must be in use)."""
         assert self._refs[page] > 0
-        if h not in self._by_hash and page not in self._before_of:
+        if h not in self._by_hash and page not in self._key_of:
             self._by_hash[h] = page
             self._hash_of[page] = h
             self._know(page, before, tokens)
