@@ -366,7 +366,7 @@ class Scheduler:
             return None
         known = min(seq.cached, len(seq.tokens))
         full = min(known // self.page_size, len(seq.pages))
-        hashes = self._hashes(seq)[: seq.registered]
+        hashes = self._hashes(seq)[:full]  # the prompt's, computed at admission; then the answer's
         hashes += prefix_hashes(seq.tokens, self.page_size, full, len(hashes), hashes[-1] if hashes else NO_PREFIX)
         self._register(seq, hashes, seq.tokens, full)
         held = tuple(seq.tokens[full * self.page_size : known])
