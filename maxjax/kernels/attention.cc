@@ -226,7 +226,7 @@ struct Tile {
   const int32_t* qpos;
   int64_t n, lowest, highest;
   float *m_run, *l_run, *o_run;
-  std::vector<float> score, scale;
+  float *score, *scale;  // scratch: [n, block keys] and [n]
 };
 
 // The tile over one block: runs of keys at positions first, first + 1, ... (the block's columns in order).
@@ -241,11 +241,11 @@ void visit_block(const Args& a, Tile& t, const Run* runs, int64_t n_runs, int64_
     const int rows = static_cast<int>(std::min<int64_t>(kMR, t.n - r));
     const auto tile = score_rows_for(rows, std::make_integer_sequence<int, kMR>{});
     for (int64_t j = 0, c = 0; j < n_runs; c += runs[j].width, ++j)
-      if (runs[j].count > 0) tile(t.q + r * E, runs[j].k, t.score.data() + r * lb + c, E, runs[j].stride, lb,
+      if (runs[j].count > 0) tile(t.q + r * E, runs[j].k, t.score + r * lb + c, E, runs[j].stride, lb,
                                   runs[j].width);
   }
   for (int64_t m = 0; m < t.n; ++m) {
-    float* sc = t.score.data() + m * lb;
+    float* sc = t.score + m * lb;
     const int64_t qp = t.qpos[m];
     const int64_t lo = a.window > 0 ? std::max<int64_t>(0, qp - a.window + 1 - first) : 0;
     const int64_t hi = std::min<int64_t>(lb, qp - first + 1);  // past keys: all; new ones: up to the query's own
@@ -280,8 +280,8 @@ void visit_block(const Args& a, Tile& t, const Run* runs, int64_t n_runs, int64_
   }
   for (int64_t r = 0; r < t.n; r += kMR) {
     const int rows = static_cast<int>(std::min<int64_t>(kMR, t.n - r));
-    value_rows_for(rows, std::make_integer_sequence<int, kMR>{})(t.score.data() + r * lb, lb, runs, n_runs, E,
-                                                                 t.scale.data() + r, t.o_run + r * E);
+    value_rows_for(rows, std::make_integer_sequence<int, kMR>{})(t.score + r * lb, lb, runs, n_runs, E,
+                                                                 t.scale + r, t.o_run + r * E);
   }
 }
 
@@ -290,8 +290,11 @@ void visit_block(const Args& a, Tile& t, const Run* runs, int64_t n_runs, int64_
 void attend(const Args& a, int64_t b, int64_t kh, int64_t m0, int64_t m1) {
   const int64_t E = a.E, S = a.S, n = m1 - m0;
   const int64_t base = (b * a.K + kh) * a.M + m0;
+  thread_local std::vector<float> score, scale;  // each thread's scratch, kept between calls (decode's many items)
+  score.resize(n * std::max<int64_t>(kBlockKeys, S));
+  scale.resize(n);
   Tile t{a.q + base * E, a.qpos + b * a.M + m0, n, 0, 0, a.m_out + base, a.l_out + base, a.o_out + base * E,
-         std::vector<float>(n * std::max<int64_t>(kBlockKeys, S)), std::vector<float>(n)};
+         score.data(), scale.data()};
   t.lowest = *std::min_element(t.qpos, t.qpos + n);
   t.highest = *std::max_element(t.qpos, t.qpos + n);
   if (a.k_new) {  // a fresh softmax
