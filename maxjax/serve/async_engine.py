@@ -70,6 +70,7 @@ class AsyncEngine:
         self.model_name = model_name
         self.max_model_len = core.scheduler.max_length
         self.pooling = core.pooling
+        self.vision = core.vision
         self.metrics = metrics
         self.on_fatal = on_fatal
         self._lock = threading.Lock()

@@ -41,6 +41,7 @@ from maxjax.serve.protocol import (
     Pooling,
     RequestRejected,
     TokenLogprob,
+    VisionInfo,
 )
 from maxjax.serve.request import Request, check_stop
 from maxjax.serve.scheduler import Plan, Scheduler
@@ -121,6 +122,8 @@ class EngineCore:
         """How embedding requests of this model are pooled by default (the checkpoint's declaration)."""
         self.declares_pooling = False
         """The checkpoint declared `pooling` (it is an embedding model)."""
+        self.vision: VisionInfo | None = None
+        """How the model takes images (None: text only)."""
         self._rows = _RowTable(scheduler.max_batch_size + 1, self.grid.max_pages)
         self._in_flight: _Launched | None = None
 

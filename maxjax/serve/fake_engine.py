@@ -28,6 +28,7 @@ from maxjax.serve.protocol import (
     QueueFullError,
     SamplingParams,
     TokenLogprob,
+    VisionInfo,
 )
 from maxjax.serve.request import Request, check_stop
 
@@ -71,6 +72,7 @@ class FakeEngine:
         self.metrics = metrics
         self.answer = tuple(answer or ())
         self.pooling = Pooling()
+        self.vision: VisionInfo | None = None
         self.requests: list[GenerationRequest] = []
         self.live: set[str] = set()
         self.cancelled: list[str] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from maxjax.serve.grammar import GrammarSpec
@@ -73,11 +73,41 @@ class Pooling:
     """Scaled to unit length."""
 
 
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """One image of a request, decoded and preprocessed on the HTTP side (`serve/images.py`)."""
+
+    pixels: Any
+    """np.ndarray [C, H, W] float32: resized, rescaled and normalized as the model's processor says."""
+    digest: bytes
+    """A hash of `pixels` (16 bytes): the same picture is the same image to the encoder cache and the prefix
+    cache, however it was sent."""
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """What the HTTP side needs to send images to a model that takes them (`Engine.vision`)."""
+
+    image_token_id: int
+    """The placeholder each of an image's soft tokens takes in the prompt."""
+    boi_token_id: int
+    """Opens an image's block (Gemma 3's `<start_of_image>`)."""
+    eoi_token_id: int
+    tokens_per_image: int
+    processing: Any
+    """`gemma3_vision.ImageProcessing`: the tower's input size and the normalization."""
+    max_images: int
+    """The most images one request may carry (`--max-images-per-request`)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    images: tuple[ImageInput, ...] = ()
+    """Images in prompt order. `prompt_ids` holds, for each, `VisionInfo.tokens_per_image` consecutive
+    `image_token_id`s (inside its boi ... eoi block) where its soft tokens go."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,8 @@ class Engine(Protocol):
     max_model_len: int
     pooling: Pooling
     """How this model's embeddings are pooled (its checkpoint's declaration, else the last token, normalized)."""
+    vision: VisionInfo | None
+    """How this model takes images; None for a text-only model."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Submit a request; iterate its outputs. Raises `QueueFullError` when the queue is full and
