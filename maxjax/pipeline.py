@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Container
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
@@ -23,6 +24,7 @@ from maxjax.models.config import TransformerConfig
 from maxjax.pooling import declared_pooling
 from maxjax.registry import Registry, SupportedArchitecture, default_registry
 from maxjax.weights import encodings
+from maxjax.weights.mmproj import find_mmproj
 from maxjax.weights.quantized import QuantizedRows
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ class LoadedModel:
     dtype: Any
     tokenizer: Any
     """maxjax.tokenizer.Tokenizer"""
+    vision: Any = None
+    """The vision checkpoint (`config`, `processing`) of a model that takes images; None: text only."""
 
 
 class TensorSource(Protocol):
@@ -62,6 +66,8 @@ class Checkpoint:
     """maxjax.tokenizer.Tokenizer"""
     pooling: Pooling | None = None
     """The embedding pooling the checkpoint declares (`maxjax/pooling.py`); None when it declares none."""
+    vision: Any = None
+    """Its vision tower's files, opened (`SupportedArchitecture.open_vision`); None: a text-only model."""
 
 
 def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
@@ -75,16 +81,19 @@ def serving_dtype(resolved: ResolvedModel, platform: str) -> Any:
 
 
 def load_model(
-    resolved: ResolvedModel, *, registry: Registry | None = None, platform: str | None = None
+    resolved: ResolvedModel, *, registry: Registry | None = None, platform: str | None = None,
+    mmproj: Path | None = None,
 ) -> LoadedModel:
-    return build_model(open_checkpoint(resolved, registry), platform=platform)
+    return build_model(open_checkpoint(resolved, registry, mmproj=mmproj), platform=platform)
 
 
-def open_checkpoint(resolved: ResolvedModel, registry: Registry | None = None) -> Checkpoint:
-    """Read the config, the tensor index and the tokenizer of `resolved`; UserError for anything missing or
-    broken that can be seen without reading every weight."""
+def open_checkpoint(resolved: ResolvedModel, registry: Registry | None = None, *,
+                    mmproj: Path | None = None) -> Checkpoint:
+    """Read the config, the tensor index and the tokenizer of `resolved` (and of a GGUF's vision tower: `mmproj`,
+    else an mmproj file beside it); UserError for anything missing or broken that can be seen without reading
+    every weight."""
     registry = registry or default_registry()
-    return _open_gguf(resolved, registry) if resolved.kind == "gguf" else _open_hf(resolved, registry)
+    return _open_gguf(resolved, registry, mmproj) if resolved.kind == "gguf" else _open_hf(resolved, registry)
 
 
 def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> LoadedModel:
@@ -134,10 +143,17 @@ def build_model(checkpoint: Checkpoint, *, platform: str | None = None) -> Loade
     for where, holder in _blocks_holders(model).items():
         if where in blocks:
             holder.hold_blocks(blocks[where], dtype)
+    if checkpoint.vision is not None:
+        width = checkpoint.vision.config.text_hidden_size
+        if width != config.hidden_size:
+            raise UserError(f"{resolved.path}: its vision tower gives soft tokens {width} wide, the model is "
+                            f"{config.hidden_size}: name the model's own mmproj file with --mmproj")
+        model.vision = checkpoint.vision.build(dtype)  # type: ignore[attr-defined]  # the runner's `model.vision`
     kept = f", {len(blocks)} tensors in their {'/'.join(sorted({b.encoding for b in blocks.values()}))} blocks"
     log.info("loaded %s (%s) as %s%s in %.1f s", resolved.name, resolved.stored_encoding, jnp.dtype(dtype).name,
              kept if blocks else "", time.perf_counter() - start)
-    return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=checkpoint.tokenizer)
+    return LoadedModel(config=config, architecture=arch, model=model, dtype=dtype, tokenizer=checkpoint.tokenizer,
+                       vision=checkpoint.vision)
 
 
 def _blocks_holders(model: nnx.Module) -> dict[tuple[str, ...], Any]:
@@ -194,7 +210,7 @@ def _flat(state: nnx.State) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
 
 
-def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
+def _open_gguf(resolved: ResolvedModel, registry: Registry, mmproj: Path | None) -> Checkpoint:
     from maxjax.tokenizer_gguf import load_gguf_tokenizer
     from maxjax.weights.gguf import GGUFFile
 
@@ -229,7 +245,13 @@ def _open_gguf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
         return tensor_to_hf(hf_name, tensor, hf_config)  # type: ignore[arg-type]  # row moves keep the blocks
 
     pooling = declared_pooling(resolved.config_dir, metadata)
-    return Checkpoint(resolved, config, arch, get, load_gguf_tokenizer(metadata), pooling)
+    tokenizer = load_gguf_tokenizer(metadata)
+    vision = None
+    if mmproj is not None and arch.open_vision is None:
+        raise UserError(f"--mmproj {mmproj}: {arch.name} models take no images")
+    if arch.open_vision is not None and (mmproj := mmproj or find_mmproj(resolved.path)) is not None:
+        vision = arch.open_vision(None, None, mmproj, tokenizer)
+    return Checkpoint(resolved, config, arch, get, tokenizer, pooling, vision)
 
 
 def _config(arch: SupportedArchitecture, hf_config: dict[str, Any]) -> Any:
@@ -260,4 +282,5 @@ def _open_hf(resolved: ResolvedModel, registry: Registry) -> Checkpoint:
         return weights.get(stored[name])
 
     tokenizer = load_hf_tokenizer(resolved.config_dir or resolved.path)
-    return Checkpoint(resolved, config, arch, get, tokenizer, declared_pooling(resolved.path))
+    vision = arch.open_vision(resolved.path, hf_config, None, tokenizer) if arch.open_vision is not None else None
+    return Checkpoint(resolved, config, arch, get, tokenizer, declared_pooling(resolved.path), vision)

@@ -45,6 +45,10 @@ class SupportedArchitecture:
     """llama.cpp tensor name -> HF tensor name (None: the model does not use it)."""
     gguf_tensor_to_hf: Callable[[str, np.ndarray, Mapping[str, Any]], np.ndarray] | None = None
     """Undo llama.cpp's conversion of one tensor (e.g. the Q/K row order), given its HF name and config."""
+    open_vision: Callable[..., Any] | None = None
+    """For a model that can take images: (checkpoint folder or None, HF config or None, mmproj GGUF or None,
+    tokenizer) -> its vision checkpoint (`config`, `processing`, `build(dtype)` -> the module the runner calls
+    as `model.vision`), or None where the files hold no vision tower (`models/gemma3_vision.py`)."""
 
 
 GGUF_ENCODINGS = (
@@ -95,11 +99,15 @@ def _builtin() -> list[SupportedArchitecture]:
             "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Coder-7B-Instruct",
         ), "qwen2"),
         entry("Qwen3ForCausalLM", "qwen3", "Qwen3ForCausalLM", ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"), "qwen3"),
-        entry("Gemma3ForCausalLM", "gemma3", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",), "gemma3"),
-        # The text path of the multimodal checkpoints; their GGUF conversions are `gemma3` files (above).
+        # A `gemma3` GGUF takes images where llama.cpp's mmproj file is given (or found beside it).
+        entry("Gemma3ForCausalLM", "gemma3", "Gemma3ForCausalLM", ("google/gemma-3-1b-it",), "gemma3",
+              open_vision=_Lazy("gemma3_vision", "open_vision")),
+        # The multimodal checkpoints: the text model, and the vision tower beside it (`model.vision`); their GGUF
+        # conversions are `gemma3` files (above).
         entry("Gemma3ForConditionalGeneration", "gemma3", "Gemma3ForCausalLM", (
             "google/gemma-3-12b-it", "google/gemma-3-4b-it", "google/gemma-3-27b-it",
-        ), None, weight_name_to_hf=_Lazy("gemma3", "multimodal_name_to_hf")),
+        ), None, weight_name_to_hf=_Lazy("gemma3", "multimodal_name_to_hf"),
+              open_vision=_Lazy("gemma3_vision", "open_vision")),
         entry("Phi3ForCausalLM", "phi3", "Phi3ForCausalLM", (
             "microsoft/Phi-3-mini-4k-instruct", "microsoft/phi-4",
         ), "phi3"),

@@ -209,3 +209,78 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+MMPROJ_FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+                     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def mmproj_storage(gguf_name: str, w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The type llama.cpp's converter stores a Gemma 3 mmproj tensor in (`Gemma3VisionModel.tensor_force_quant`,
+    then `ModelBase.prepare_tensors`): the projection F16, the embeddings F32, vectors and norms F32, the other
+    matrices in the file type, F16 where their rows are not whole blocks of it."""
+    if gguf_name.startswith("mm.input_projection"):
+        return Q.F16
+    if gguf_name.startswith(("v.patch_embd", "v.position_embd")) or w.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+        return Q.F32
+    if w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return Q.F16
+    return qtype
+
+
+def write_mmproj(
+    path: Path, config: dict[str, Any], preprocessor: dict[str, Any], weights: dict[str, np.ndarray],
+    qtype: gguf.GGMLQuantizationType = Q.F16, *, projector_type: str = "gemma3", skip: tuple[str, ...] = (),
+) -> str:
+    """Write the vision tower and projector of a `Gemma3ForConditionalGeneration` (`weights`: float32, named
+    `vision_tower.X` and `multi_modal_projector.X` as `gemma3_vision.vision_name_to_hf` gives them)
+    as llama.cpp's `convert_hf_to_gguf.py --mmproj` does (`MmprojModel`, `Gemma3VisionModel`); returns the
+    file's SHA-256. `projector_type` and `skip` (llama.cpp tensor names left out) make broken files for tests.
+
+    As the converter: `clip.vision.projector.scale_factor` from preprocessor_config.json's `image_seq_length`
+    (256 where absent), written only when it is not 4; `_weight` renamed `.weight`; the soft-token norm stored
+    with 1 added; names from gguf-py's `TensorNameMap` for `MODEL_ARCH.MMPROJ`; types from `mmproj_storage`."""
+    vision = config["vision_config"]
+    n_layers = vision["num_hidden_layers"]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name("tiny")
+    writer.add_file_type(int(MMPROJ_FILE_TYPES[qtype]))
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_vision_projection_dim(text_config(config)["hidden_size"])
+    writer.add_vision_image_size(vision["image_size"])
+    writer.add_vision_patch_size(vision["patch_size"])
+    writer.add_vision_embedding_length(vision["hidden_size"])
+    writer.add_vision_feed_forward_length(vision["intermediate_size"])
+    writer.add_vision_block_count(n_layers)
+    writer.add_vision_head_count(vision["num_attention_heads"])
+    writer.add_vision_image_mean(preprocessor["image_mean"])
+    writer.add_vision_image_std(preprocessor["image_std"])
+    writer.add_clip_projector_type(projector_type)
+    writer.add_vision_attention_layernorm_eps(vision.get("layer_norm_eps", 1e-6))
+    writer.add_vision_use_gelu(True)
+    per_side = int(preprocessor.get("image_seq_length", 256) ** 0.5)
+    scale = (vision["image_size"] // vision["patch_size"]) // per_side
+    if scale > 0 and scale != 4:
+        writer.add_vision_projector_scale_factor(scale)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_layers)
+    for hf_name, w in weights.items():
+        if not hf_name.startswith(("vision_tower.", "multi_modal_projector.")) or ".head." in hf_name:
+            continue
+        # the converter reads the Hub's names (`vision_tower.vision_model.`), which gguf-py's table knows
+        name = hf_name.replace("vision_tower.", "vision_tower.vision_model.", 1).replace("_weight", ".weight")
+        w = np.asarray(w, dtype=np.float32)
+        if "soft_emb_norm.weight" in name:
+            w = w + 1
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, f"gguf-py has no mmproj name for {hf_name}"
+        if gguf_name in skip:
+            continue
+        stored = mmproj_storage(gguf_name, w, qtype)
+        writer.add_tensor(gguf_name, gguf.quants.quantize(w, stored), raw_dtype=stored)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hashlib.sha256(path.read_bytes()).hexdigest()

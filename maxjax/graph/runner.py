@@ -99,13 +99,16 @@ class CacheSpec:
 
 def _step(
     graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, last_tokens: jax.Array,
-    inputs: StepInputs,
+    inputs: StepInputs, images: jax.Array | None = None,
 ) -> tuple[KVCache, jax.Array, SampleOutput, jax.Array]:
     model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     # A fed row's token is the one the device sampled for its batch row in an earlier step: the host dispatches
     # a decode step without waiting for the previous step's tokens.
     tokens = jnp.where(inputs.feed[:, None], last_tokens[inputs.batch_row][:, None], inputs.tokens)
-    hidden, new_k, new_v = model.forward(tokens, cache, inputs.page_table, inputs.past_len)
+    if images is not None and tokens.shape[1] > 1:  # a prefill step of a model that takes images
+        hidden, new_k, new_v = _forward_with_images(model, tokens, images, cache, inputs)
+    else:
+        hidden, new_k, new_v = model.forward(tokens, cache, inputs.page_table, inputs.past_len)
     raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
     # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
     # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
@@ -115,6 +118,29 @@ def _step(
     cache = write_kv(cache, new_k + after_reads, new_v + after_reads, inputs.slots)
     out = sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw)
     return cache, last_tokens.at[inputs.batch_row].set(out.tokens), out, hidden
+
+
+def _forward_with_images(model: Any, tokens: jax.Array, images: jax.Array, cache: KVCache,
+                         inputs: StepInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward pass of a prefill step whose tokens may name image soft tokens: id V + s * M + j (V the
+    vocabulary) is soft token j of the image in slot s of the image table [S, M, D] (`ModelRunner.encode_images`
+    wrote it). Those positions take the soft token as their embedding, and the tokens of one image attend to
+    each other both ways (`image_block`); every other position is the text model's own."""
+    vocab = model.embed.vocab_size
+    slots, m, d = images.shape
+    is_image = tokens >= vocab
+    index = jnp.clip(tokens - vocab, 0, slots * m - 1)
+    text = model.embed_input(jnp.where(is_image, 0, tokens))
+    embeds = jnp.where(is_image[..., None], images.reshape(-1, d)[index].astype(text.dtype), text)
+    block = jnp.where(is_image, index // m + 1, 0)
+    return model.forward(None, cache, inputs.page_table, inputs.past_len, embeds=embeds, image_block=block)
+
+
+def _encode(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], images: jax.Array, pixels: jax.Array,
+            slots: jax.Array) -> jax.Array:
+    """The image table with the soft tokens of `pixels` [N, C, H, W] written at `slots` [N]."""
+    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+    return images.at[slots].set(model.vision(pixels).astype(images.dtype))
 
 
 def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
@@ -180,7 +206,7 @@ class _StepGraph:
     def lower(self, shape: StepShape) -> Any:
         r = self.runner
         return r._jitted.lower(r.graphdef, r._treedef, r._params, r._cache_avals, r._last_tokens_aval,
-                               batch.abstract(*shape, r.vocab_size))
+                               batch.abstract(*shape, r.vocab_size), r._images_aval)
 
     def describe(self, shape: StepShape) -> list[int]:
         return list(shape)
@@ -212,6 +238,31 @@ class _ScoreGraph:
 
 
 @dataclass(frozen=True)
+class _VisionGraph:
+    """The vision encoder writing the image table (`_encode`), one per bucket of images (a model that takes
+    images only)."""
+
+    runner: ModelRunner
+    name: str = "vision"
+
+    def shapes(self, steps: Sequence[StepShape]) -> list[Any]:
+        return list(self.runner.image_buckets)
+
+    def lower(self, n: int) -> Any:
+        r = self.runner
+        rep = meshes.replicated(r.mesh)
+        pixels = jax.ShapeDtypeStruct((n, *r.pixel_shape), jnp.float32, sharding=rep)
+        return r._encode.lower(r.graphdef, r._treedef, r._params, r._images_aval, pixels,
+                               jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep))
+
+    def describe(self, n: int) -> list[int]:
+        return [n, *self.runner.pixel_shape]
+
+    def cost(self, n: int) -> int:
+        return n
+
+
+@dataclass(frozen=True)
 class WarmUp:
     """What `ModelRunner.warm_up` did."""
 
@@ -233,7 +284,8 @@ class ModelRunner:
     """
 
     def __init__(self, model: nnx.Module, cache_spec: CacheSpec, grid: BucketGrid, device: jax.Device | None = None,
-                 *, backend: Backend | None = None, mesh: jax.sharding.Mesh | None = None):
+                 *, backend: Backend | None = None, mesh: jax.sharding.Mesh | None = None, image_slots: int = 0,
+                 images_per_step: int = 0):
         self.mesh = mesh or meshes.make_mesh([device or jax.devices()[0]])
         self.device = self.mesh.devices.flat[0]
         self.grid = grid
@@ -270,15 +322,34 @@ class ModelRunner:
         # the mesh they will run on, and the pool keeps its sharding from step to step.
         rep = meshes.replicated(self.mesh)
         self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3, 4),
-                               in_shardings=(self._param_shardings, cache_shardings, rep, rep),
+                               in_shardings=(self._param_shardings, cache_shardings, rep, rep, rep),
                                out_shardings=(cache_shardings, rep, rep, rep))
+        # A model that takes images (`model.vision`) keeps an image table on the device, [slots + 1, M, D] (the
+        # last slot: the scratch slot padding images write), which `encode_images` fills and prefill steps read.
+        vision = getattr(model, "vision", None)
+        self.image_slots = image_slots if vision is not None else 0
+        self.image_buckets: tuple[int, ...] = ()
+        self._images: jax.Array | None = None
+        self._images_aval: jax.ShapeDtypeStruct | None = None
+        if self.image_slots:
+            vc = vision.cfg
+            self.pixel_shape = (vc.num_channels, vc.image_size, vc.image_size)
+            self.tokens_per_image = vc.mm_tokens_per_image
+            most = max(images_per_step, 1)
+            self.image_buckets = (*(1 << i for i in range(most.bit_length()) if 1 << i < most), most)
+            table = (self.image_slots + 1, vc.mm_tokens_per_image, self.hidden_size)
+            self._images_aval = jax.ShapeDtypeStruct(table, cache_spec.dtype, sharding=rep)
+            self._images = jax.device_put(np.zeros(table, np.dtype(cache_spec.dtype)), rep)
+            self._encode = jax.jit(_encode, static_argnums=(0, 1), donate_argnums=(3,),
+                                   in_shardings=(self._param_shardings, rep, rep, rep), out_shardings=rep)
         # The token each batch row sampled last (row 0: the scratch row padding rows write), kept on the device
         # from step to step: decode rows read their next token here (`StepInputs.feed`).
         self._last_tokens_aval = jax.ShapeDtypeStruct((grid.max_batch_size + 1,), jnp.int32, sharding=rep)
         self._last_tokens = jax.device_put(np.zeros(grid.max_batch_size + 1, np.int32), rep)
         self._score = jax.jit(_score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
                               out_shardings=rep)
-        self._graphs: dict[str, GraphKind] = {g.name: g for g in (_StepGraph(self), _ScoreGraph(self))}
+        self._graphs: dict[str, GraphKind] = {g.name: g for g in (_StepGraph(self), _ScoreGraph(self),
+                                                                  _VisionGraph(self))}
         self._executables: dict[Entry, Any] = {}
         self._store: ExecutableStore | None = None
         self._fingerprint: dict[str, Any] = {}
@@ -416,9 +487,25 @@ class ModelRunner:
         asynchronous). The host arrays in `inputs` may be read after this returns: never write them again."""
         shape = (inputs.tokens.shape[0], inputs.tokens.shape[1], inputs.page_table.shape[1])
         executable = self._executables.get(("step", shape)) or self._executable(("step", shape))
-        self.cache, self._last_tokens, out, hidden = executable(self._params, self.cache, self._last_tokens, inputs)
+        self.cache, self._last_tokens, out, hidden = executable(self._params, self.cache, self._last_tokens, inputs,
+                                                                self._images)
         self._ran.add(shape)
         return out, hidden
+
+    def encode_images(self, pixels: Sequence[np.ndarray], slots: Sequence[int]) -> None:
+        """Run the vision encoder on `pixels` (each [C, H, W]) and write their soft tokens to the image table at
+        `slots`, in buckets of images (padding images go to the scratch slot). Dispatched, not waited for: the
+        prefill step that reads them runs after it."""
+        assert self._images is not None, "this model takes no images"
+        for at in range(0, len(pixels), self.image_buckets[-1]):
+            part = pixels[at : at + self.image_buckets[-1]]
+            n = next(b for b in self.image_buckets if b >= len(part))
+            batch_pixels = np.zeros((n, *self.pixel_shape), np.float32)
+            batch_pixels[: len(part)] = np.stack(part)
+            batch_slots = np.full(n, self.image_slots, np.int32)
+            batch_slots[: len(part)] = slots[at : at + len(part)]
+            executable = self._executables.get(("vision", n)) or self._executable(("vision", n))
+            self._images = executable(self._params, self._images, batch_pixels, batch_slots)
 
     def has_run(self, shape: tuple[int, int, int]) -> bool:
         return shape in self._ran

@@ -144,9 +144,7 @@ class Gemma3ForCausalLM(nnx.Module):
         cfg = self.cfg
         if embeds is None:
             assert tokens is not None, "forward needs tokens or embeds"
-            x = self.embed(tokens)  # [B, T, D]
-            # transformers rounds the scale to the embedding dtype before multiplying; so does this.
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), x.dtype)
+            x = self.embed_input(tokens)
         else:
             x = embeds
         t = x.shape[1]
@@ -166,6 +164,12 @@ class Gemma3ForCausalLM(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), jnp.stack(new_k), jnp.stack(new_v)
+
+    def embed_input(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> the input embeddings [B, T, D], scaled by sqrt(D) (what image soft tokens replace)."""
+        x = self.embed(tokens)
+        # transformers rounds the scale to the embedding dtype before multiplying; so does this.
+        return x * jnp.asarray(math.sqrt(self.cfg.hidden_size), x.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""

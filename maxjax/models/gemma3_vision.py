@@ -280,8 +280,20 @@ def load_vision_model(folder: Path, dtype: jnp.dtype = jnp.float32) -> Gemma3Vis
             raise ValueError(f"{folder}: the checkpoint has no vision tensor {name}; is it complete?")
         return weights.get(stored[name]).astype(np_dtype, copy=False)
 
-    params = load_params(cfg, get)
+    return build_vision_model(cfg, load_params(cfg, get), dtype)
+
+
+def build_vision_model(cfg: VisionConfig, params: dict[str, Any], dtype: jnp.dtype = jnp.float32) -> Gemma3VisionModel:
+    """The model holding `params` (`load_params`'s dict), built without initializing random weights first.
+    Raises ValueError naming the first parameter whose shape is not the one `cfg` gives it."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma3VisionModel(cfg, dtype)))
+
+    def check(path: tuple[Any, ...], want: Any, got: np.ndarray) -> None:
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"the vision parameter {jax.tree_util.keystr(path)} has shape {list(got.shape)}, but "
+                             f"the config gives it {list(want.shape)}")
+
+    jax.tree_util.tree_map_with_path(check, nnx.to_pure_dict(state), params)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
@@ -365,3 +377,55 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     x = np.einsum("oh,hwc->owc", weights(image.shape[0], height), x)
     x = np.einsum("ow,hwc->hoc", weights(image.shape[1], width), x)
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- opening
+
+
+@dataclass(frozen=True)
+class VisionCheckpoint:
+    """A model's vision tower, its files opened (`open_vision`): what the engine needs to send it images."""
+
+    config: VisionConfig
+    processing: ImageProcessing
+    get: Callable[[str], np.ndarray]
+    """`vision_name_to_hf` name -> the stored tensor."""
+
+    def build(self, dtype: jnp.dtype = jnp.float32) -> Gemma3VisionModel:
+        """The vision model, its weights cast to `dtype`."""
+        np_dtype = np.dtype(jnp.dtype(dtype))
+        params = load_params(self.config, lambda name: self.get(name).astype(np_dtype, copy=False))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma3VisionModel(self.config, dtype)))
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(graphdef, state)
+
+
+def open_vision(folder: Path | None, hf_config: Mapping[str, Any] | None, mmproj: Path | None,
+                tokenizer: Any) -> VisionCheckpoint | None:
+    """The vision tower of a Gemma 3 checkpoint folder (its config's `vision_config`, the safetensors' tower and
+    projector, preprocessor_config.json), or of llama.cpp's mmproj file; None for a text-only checkpoint."""
+    from maxjax.errors import UserError
+
+    if mmproj is not None:
+        from maxjax.weights.mmproj import open_gemma3_mmproj
+
+        return open_gemma3_mmproj(mmproj, tokenizer)
+    if folder is None or hf_config is None or not isinstance(hf_config.get("vision_config"), dict):
+        return None
+    from maxjax.weights.safetensors import SafetensorsWeights
+
+    cfg = VisionConfig.from_hf(hf_config)
+    preprocessor = folder / "preprocessor_config.json"
+    try:
+        processing = ImageProcessing.from_hf(json.loads(preprocessor.read_text()) if preprocessor.exists() else {}, cfg)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{preprocessor}: {e}") from None
+    weights = SafetensorsWeights(folder)
+    stored = {hf: name for name in weights.names if (hf := vision_name_to_hf(name)) is not None}
+
+    def get(name: str) -> np.ndarray:
+        if name not in stored:
+            raise UserError(f"{folder}: the checkpoint has no vision tensor {name}; is it complete?")
+        return weights.get(stored[name])
+
+    return VisionCheckpoint(cfg, processing, get)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from maxjax.graph.sampling import TOP_LOGPROBS
-from maxjax.serve.protocol import INT32_MAX, GenerationRequest, RequestRejected, SamplingParams
+from maxjax.serve.protocol import INT32_MAX, GenerationRequest, RequestRejected, SamplingParams, VisionInfo
 from maxjax.serve.request import Request
 
 
@@ -38,7 +38,7 @@ class _Row:
     next step the tokens sampled before it (`EngineCore.step` waits for them)."""
 
 
-def admit(request: GenerationRequest, vocab_size: int) -> Request:
+def admit(request: GenerationRequest, vocab_size: int, vision: VisionInfo | None = None) -> Request:
     """The one place where what a request carries becomes step inputs: every value is checked against the range
     of the array it goes into (token ids against the vocabulary and int32, top_k capped at the vocabulary, the
     seed folded into the key's 32 bits) and converted here, so building a step never raises for a request.
@@ -80,11 +80,31 @@ def admit(request: GenerationRequest, vocab_size: int) -> Request:
         logit_bias={t: float(number("logit_bias", b, -100.0, 100.0)) for t, b in p.logit_bias.items()},
         adjusts=_adjusts(p),
     )
-    req = Request(request.request_id, list(request.prompt_ids), p, row=row)
+    spans = image_spans(request, vision)
+    req = Request(request.request_id, list(request.prompt_ids), p, row=row, images=request.images, image_spans=spans)
     if p.repetition_penalty != 1.0:
         req.prompt_tokens = tuple(dict.fromkeys(reversed(request.prompt_ids)))
         req.prompt_set = frozenset(req.prompt_tokens)
     return req
+
+
+def image_spans(request: GenerationRequest, vision: VisionInfo | None) -> tuple[tuple[int, int], ...]:
+    """[start, end) of each image's soft tokens in the prompt: the runs of the image placeholder, one per image,
+    each `tokens_per_image` long; `RequestRejected` when the prompt and the images disagree."""
+    if vision is None:
+        if request.images:
+            raise RequestRejected("this model does not take images: send text only", param="messages")
+        return ()
+    ids = np.asarray(request.prompt_ids)
+    is_image = np.concatenate([[False], ids == vision.image_token_id, [False]])
+    edges = np.flatnonzero(is_image[1:] != is_image[:-1])
+    spans = tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    m = vision.tokens_per_image
+    if len(spans) != len(request.images) or any(stop - start != m for start, stop in spans):
+        raise RequestRejected(
+            f"the prompt holds {int(is_image.sum())} image tokens in {len(spans)} runs for {len(request.images)} "
+            f"images: each image takes one run of {m}", param="messages")
+    return spans
 
 
 def _adjusts(p: SamplingParams) -> bool:

@@ -43,6 +43,7 @@ from maxjax.serve.protocol import (
     TokenLogprob,
     VisionInfo,
 )
+from maxjax.serve.image_table import ImageTable
 from maxjax.serve.request import Request, check_stop
 from maxjax.serve.scheduler import Plan, Scheduler
 
@@ -104,7 +105,7 @@ class _Launched:
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int], *,
-                 overlap: bool = True, tokenizer: Tokenizer | None = None):
+                 overlap: bool = True, tokenizer: Tokenizer | None = None, vision: VisionInfo | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         """What constrained requests' grammars are compiled against (`grammars`)."""
@@ -122,8 +123,10 @@ class EngineCore:
         """How embedding requests of this model are pooled by default (the checkpoint's declaration)."""
         self.declares_pooling = False
         """The checkpoint declared `pooling` (it is an embedding model)."""
-        self.vision: VisionInfo | None = None
+        self.vision = vision if runner.image_slots else None
         """How the model takes images (None: text only)."""
+        self.images = ImageTable(runner.image_slots)
+        """Which image is in which slot of the runner's image table (the encoder cache)."""
         self._rows = _RowTable(scheduler.max_batch_size + 1, self.grid.max_pages)
         self._in_flight: _Launched | None = None
 
@@ -149,7 +152,19 @@ class EngineCore:
         spec = CacheSpec(cfg.num_layers, num_pages, kv.page_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype)
         grid = BucketGrid.for_limits(max_batch_size=scheduler.max_batch_size, max_length=max_length,
                                      prefill_chunk_size=scheduler.prefill_chunk_size, page_size=kv.page_size)
-        runner = ModelRunner(loaded.model, spec, grid, mesh=make_mesh(devices))
+        vision = None
+        images_per_step = 0
+        if loaded.vision is not None:
+            vc = loaded.vision.config
+            # A prefill step holds as many images as fill its chunk, and the table twice that (at least 16):
+            # the rest of the slots keep recent images for the next turns.
+            images_per_step = max(2, min(8, grid.prefill_chunk // vc.mm_tokens_per_image))
+            vision = VisionInfo(image_token_id=vc.image_token_id, boi_token_id=vc.boi_token_id,
+                                eoi_token_id=vc.eoi_token_id, tokens_per_image=vc.mm_tokens_per_image,
+                                processing=loaded.vision.processing,
+                                max_images=getattr(scheduler, "max_images_per_request", 8))
+        runner = ModelRunner(loaded.model, spec, grid, mesh=make_mesh(devices),
+                             image_slots=max(16, 2 * images_per_step) if vision else 0, images_per_step=images_per_step)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB%s; %s); weights %.0f MiB",
             num_pages - 1, kv.page_size, (num_pages - 1) * kv.page_size, num_pages * spec.bytes_per_page / 2**30,
@@ -158,16 +173,20 @@ class EngineCore:
         sched = Scheduler(
             num_pages=num_pages, page_size=kv.page_size, max_batch_size=scheduler.max_batch_size,
             max_length=max_length, chunk_size=grid.prefill_chunk, max_queue=max_queue,
-            prefill_width=grid.prefill_width,
+            prefill_width=grid.prefill_width, images_per_step=images_per_step,
         )
         return cls(runner, sched, loaded.tokenizer.eos_token_ids | frozenset(cfg.eos_token_ids),
-                   overlap=scheduler.overlap, tokenizer=loaded.tokenizer)
+                   overlap=scheduler.overlap, tokenizer=loaded.tokenizer, vision=vision)
 
     def admit(self, request: GenerationRequest) -> Request:
         """Check and convert a request (`admit`) into one the scheduler can take, its grammar compiled into its
         matcher. Touches no engine state, so the HTTP side may call it from its own thread; raises
         `RequestRejected`."""
-        seq = admit(request, self.runner.vocab_size)
+        seq = admit(request, self.runner.vocab_size, self.vision)
+        for image in request.images:
+            if image.pixels.shape != self.runner.pixel_shape:
+                raise RequestRejected(f"an image's pixels are {image.pixels.shape}, not the {self.runner.pixel_shape} "
+                                      "the vision tower takes", param="messages")
         if request.params.grammar is not None:
             from maxjax.serve.grammar import GrammarError
 
@@ -263,13 +282,27 @@ class EngineCore:
             self._rows.seat(req)
         # A prompt with one token left (the rest found in the prefix cache) is a decode row that reads its token
         # from the host: it joins the decode step instead of padding a prefill step's chunk to 16.
-        joined = [req for req, n in plan.prefill if n == 1 and not req.prefilled_alone and req.params.embed is None]
+        joined = [req for req, n in plan.prefill
+                  if n == 1 and not req.prefilled_alone and req.params.embed is None and not req.images_in(1)]
         chunks = [(req, n) for req, n in plan.prefill if req not in joined]
+        if any(req.images for req, _ in chunks):
+            self._place_images(chunks)
         starts = [req.cached for req, _ in chunks]
         prefill, scores, hidden = self._run_prefill(chunks) if chunks else (None, None, None)
         decode = self._run_decode(plan.decode + joined) if plan.decode or joined else None
         self.scheduler.advance(plan)
         return _Launched(plan, chunks, joined, starts, prefill, scores, decode, hidden)
+
+    def _place_images(self, chunks: list[tuple[Request, int]]) -> None:
+        """Give every image among the prefill chunks a slot of the image table (`Request.image_slots`), and
+        dispatch the vision encoder for those not there already."""
+        wanted = [(req, i) for req, n in chunks for i in req.images_in(n)]
+        slots, encode = self.images.place([req.images[i].digest for req, i in wanted])
+        for (req, i), slot in zip(wanted, slots, strict=True):
+            req.image_slots[i] = slot
+        if encode:
+            self.runner.encode_images([wanted[k][0].images[wanted[k][1]].pixels for k in encode],
+                                      [slots[k] for k in encode])
 
     def _collect(self, results: list[tuple[Request, GenerationOutput]]) -> float:
         """Fetch the step in flight (one transfer for both of its parts), append each row's token to its request
@@ -332,6 +365,11 @@ class EngineCore:
         for r, (req, c) in enumerate(chunks):
             if width > 1 or req.in_prefill:
                 inputs.tokens[r, :c] = req.tokens[req.cached : req.cached + c]
+                for i in req.images_in(c) if req.images else ():  # soft token j of the image in slot s: V + s M + j
+                    first, stop = req.image_spans[i]
+                    a, b = max(first, req.cached), min(stop, req.cached + c)
+                    base = self.runner.vocab_size + req.image_slots[i] * self.runner.tokens_per_image - first
+                    inputs.tokens[r, a - req.cached : b - req.cached] = np.arange(a, b) + base
             else:
                 inputs.feed[r] = True
             if req.row.adjusts:

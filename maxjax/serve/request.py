@@ -71,6 +71,16 @@ class Request:
     """Chained hashes of the shareable prompt pages, computed once."""
     pooled: Any = None
     """An embedding request's running pool over the chunks prefilled so far (`pool_chunk`)."""
+    images: tuple[Any, ...] = ()
+    """The request's `ImageInput`s, in prompt order (`admission.admit` checks them against `image_spans`)."""
+    image_spans: tuple[tuple[int, int], ...] = ()
+    """[start, end) of each image's soft tokens in the prompt: a prefill chunk never ends inside one, so that
+    the tokens of one image see each other (`chunk`)."""
+    image_slots: dict[int, int] = field(default_factory=dict)
+    """Image index -> its slot in the device's image table, while its soft tokens are being prefilled."""
+    key_prompt: list[int] = field(init=False)
+    """The prompt as the prefix cache knows it: an image's positions hold keys made from its content
+    (negative, so no token id equals one), so that a page is shared only where the same pictures are."""
     reuse_prefix: bool = field(init=False)
     """False when every prompt position must be computed (prompt logprobs, mean or first-token pooling)."""
     prefilled_alone: bool = field(init=False)
@@ -78,6 +88,12 @@ class Request:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+        self.key_prompt = self.prompt
+        if self.images:
+            self.key_prompt = list(self.prompt)
+            for image, (start, end) in zip(self.images, self.image_spans, strict=True):
+                base = int.from_bytes(image.digest[:7], "little") << 12  # room for 4096 tokens an image
+                self.key_prompt[start:end] = [-1 - base - j for j in range(end - start)]
         embed = self.params.embed
         self.prefilled_alone = self.params.prompt_logprobs is not None
         self.reuse_prefix = not self.prefilled_alone and (embed is None or embed.kind == "last")
@@ -101,6 +117,24 @@ class Request:
         if embed is None or embed.normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return tuple(vector.astype(np.float32).tolist())
+
+    @property
+    def key_tokens(self) -> list[int]:
+        """`tokens` as the prefix cache knows them (`key_prompt`, then the answer)."""
+        return self.tokens if not self.images else self.key_prompt + self.tokens[len(self.prompt):]
+
+    def chunk(self, n: int) -> int:
+        """The longest prompt chunk of at most `n` tokens from `cached` on that does not end inside an image (0:
+        the next image does not fit in `n`)."""
+        end = self.cached + n
+        for start, stop in self.image_spans:
+            if start < end < stop:
+                return max(start - self.cached, 0)
+        return n
+
+    def images_in(self, n: int) -> list[int]:
+        """The images whose soft tokens are among the next `n` prompt tokens (their indices)."""
+        return [i for i, (start, stop) in enumerate(self.image_spans) if start < self.cached + n and stop > self.cached]
 
     @property
     def max_new_tokens(self) -> int:

@@ -209,15 +209,18 @@ class Plan:
 class Scheduler:
     def __init__(self, *, num_pages: int, page_size: int, max_batch_size: int, max_length: int, chunk_size: int,
                  max_queue: int = 1 << 30, prefix_caching: bool = True,
-                 prefill_width: Callable[[int], int] | None = None):
+                 prefill_width: Callable[[int], int] | None = None, images_per_step: int = 0):
         """`prefill_width(rows)`: the longest chunk each row of a prefill step of `rows` rows may have (0: no such
-        step; the bucket grid decides); by default a prefill step holds one chunk of up to `chunk_size`."""
+        step; the bucket grid decides); by default a prefill step holds one chunk of up to `chunk_size`.
+        `images_per_step`: the most images whose soft tokens one prefill step may hold (the image table's
+        slots); a chunk never ends inside an image."""
         self.pages = PageAllocator(num_pages)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_length = max_length
         self.chunk_size = chunk_size
         self.max_queue = max_queue
+        self.images_per_step = images_per_step
         self.prefix_caching = prefix_caching
         self.prefill_width = prefill_width or (lambda rows: chunk_size if rows == 1 else 0)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -234,6 +237,11 @@ class Scheduler:
         """Raise ValueError when the sequence can never run (reads only the scheduler's fixed limits)."""
         if len(seq.prompt) >= self.max_length:
             raise ValueError(f"prompt of {len(seq.prompt)} tokens leaves no room in max_length {self.max_length}")
+        if seq.image_spans and max(stop - start for start, stop in seq.image_spans) > self.chunk_size:
+            raise ValueError(f"an image's soft tokens must be prefilled in one chunk: raise --prefill-chunk-size "
+                             f"above {self.chunk_size}")
+        if seq.images and self.images_per_step <= 0:
+            raise ValueError("this engine takes no images")
         if self.pages_for(seq) > self.pages.num_pages - 1:
             raise ValueError(
                 f"the request needs {self.pages_for(seq) * self.page_size} tokens of KV cache; the pool holds "
@@ -254,7 +262,7 @@ class Scheduler:
 
     def _hashes(self, seq: Request) -> list[PageHash]:
         if seq.hashes is None:
-            seq.hashes = prefix_hashes(seq.prompt, self.page_size, self._shareable_pages(seq))
+            seq.hashes = prefix_hashes(seq.key_prompt, self.page_size, self._shareable_pages(seq))
         return seq.hashes
 
     def _admit(self) -> list[Request]:
@@ -266,7 +274,7 @@ class Scheduler:
             if seq.reuse_prefix and self.prefix_caching:
                 start = len(hits) * self.page_size  # the tokens after the shared pages, but the last
                 tail, matched = self.pages.lookup_partial(self._hashes(seq)[len(hits) - 1] if hits else NO_PREFIX,
-                                                       seq.prompt[start : len(seq.prompt) - 1])
+                                                       seq.key_prompt[start : len(seq.prompt) - 1])
             own = [tail] if tail else []
             need = self.pages_for(seq) - len(hits) - len(own)
             if need > self.pages.free - self.pages.unreferenced(hits) - len(own):
@@ -289,7 +297,7 @@ class Scheduler:
         if not self.prefix_caching:
             return
         complete = min(seq.cached // self.page_size, self._shareable_pages(seq))
-        self._register(seq, self._hashes(seq), seq.prompt, complete)
+        self._register(seq, self._hashes(seq), seq.key_prompt, complete)
 
     def plan(self) -> Plan:
         """The next step. It may be planned while the step before is still running (its tokens unknown): a
@@ -318,11 +326,34 @@ class Scheduler:
             width = min(self.chunk_size, self.prefill_width(rows))
             if width <= 0:
                 break
-            chunks = [(s, min(width, len(s.prompt) - s.cached)) for s in waiting[:rows]]
+            chunks = [(s, s.chunk(min(width, len(s.prompt) - s.cached))) for s in waiting[:rows]]
+            if not all(n for _, n in chunks):
+                break  # a row's next image does not fit in a chunk this short
+            if sum(len(s.images_in(n)) for s, n in chunks) > self.images_per_step:
+                chunks = self._fewer_images(chunks)
+                if not chunks:
+                    break
             tokens = sum(n for _, n in chunks)
             if tokens > best_tokens:
                 best, best_tokens = chunks, tokens
         return best
+
+    def _fewer_images(self, chunks: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """`chunks` cut so that they hold at most `images_per_step` images: each row's chunk ends before the
+        image that would pass the limit (rows left with nothing are dropped, as are the rows after them)."""
+        out, left = [], self.images_per_step
+        for seq, n in chunks:
+            spans = seq.images_in(n)
+            if len(spans) > left:
+                start = seq.image_spans[spans[left]][0]
+                n = max(start - seq.cached, 0)
+                left = 0
+            else:
+                left -= len(spans)
+            if n == 0:
+                break
+            out.append((seq, n))
+        return out
 
     def advance(self, plan: Plan) -> None:
         """Once the step that runs `plan` is dispatched: what it caches counts as cached (the device runs steps
@@ -366,10 +397,11 @@ class Scheduler:
             return None
         known = min(seq.cached, len(seq.tokens))
         full = min(known // self.page_size, len(seq.pages))
+        keys = seq.key_tokens
         hashes = self._hashes(seq)[:full]  # the prompt's, computed at admission; then the answer's
-        hashes += prefix_hashes(seq.tokens, self.page_size, full, len(hashes), hashes[-1] if hashes else NO_PREFIX)
-        self._register(seq, hashes, seq.tokens, full)
-        held = tuple(seq.tokens[full * self.page_size : known])
+        hashes += prefix_hashes(keys, self.page_size, full, len(hashes), hashes[-1] if hashes else NO_PREFIX)
+        self._register(seq, hashes, keys, full)
+        held = tuple(keys[full * self.page_size : known])
         if not held or full >= len(seq.pages):
             return None
         return Tail(seq.pages[full], hashes[full - 1] if full else NO_PREFIX, held)
