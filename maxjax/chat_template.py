@@ -12,7 +12,9 @@ Message preparation, also as transformers does: keys whose value is None are dro
 
 Content given as a list of parts (`[{"type": "text", "text": ...}, ...]`, the OpenAI form) is flattened to one
 string, the parts' texts joined with "\\n" (vLLM's rule), unless the template itself loops over
-`message['content']` -- then it gets the list as sent. Parts other than text cannot be flattened and are an error.
+`message['content']` (`takes_content_parts`) -- then it gets the list as sent. An image part (`{"type": "image"}`,
+what Gemma 3's template reads) flattens to `IMAGE_MARKER`, where the HTTP side puts the image's tokens; other
+parts cannot be flattened and are an error.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+IMAGE_MARKER = "<|maxjax:image|>"
+"""Where an image part was, in content flattened for a template that takes a string."""
 
 # Where several reasoning field names exist, templates read the first two; any one of the three fills them.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -120,11 +125,18 @@ def _compile(source: str) -> tuple[jinja2.Template, bool]:
         raise ChatTemplateError(f"the chat template does not parse: {e.message} (line {e.lineno})") from e
 
 
+def takes_content_parts(source: str) -> bool:
+    """Whether the template `source` loops over a message's content (so it gets the list of parts as sent)."""
+    return _compile(source)[1]
+
+
 def _flatten_content(parts: Sequence[Any]) -> str:
     texts = []
     for part in parts:
         if isinstance(part, str):
             texts.append(part)
+        elif isinstance(part, Mapping) and part.get("type") == "image":
+            texts.append(IMAGE_MARKER)
         elif (
             isinstance(part, Mapping)
             and part.get("type", "text") == "text"

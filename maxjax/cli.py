@@ -53,6 +53,14 @@ def model_options(f: Any) -> Any:
     return f
 
 
+def mmproj_option(f: Any) -> Any:
+    """`--mmproj`: the vision tower of a GGUF model that takes images (llama.cpp's split file)."""
+    return click.option(
+        "--mmproj", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="llama.cpp's mmproj GGUF of the model's vision tower, so a GGUF Gemma 3 takes images [default: an "
+             "*mmproj*.gguf beside the model, if there is one].")(f)
+
+
 def custom_architectures_option(f: Any) -> Any:
     """`--custom-architectures`, repeatable: modules whose ARCHITECTURES lists add to (or replace) the built-ins."""
     return click.option(
@@ -80,6 +88,8 @@ def engine_options(f: Any) -> Any:
         click.option("--overlap-scheduler/--no-overlap-scheduler", default=True, show_default=True,
                      help="Plan and dispatch each step while the one before still runs (decode rows read their "
                           "token on the device)."),
+        click.option("--max-images-per-request", default=8, show_default=True, type=click.IntRange(min=1),
+                     help="Most images one request may carry, for a model that takes images."),
     ]):
         f = option(f)
     return f
@@ -99,7 +109,7 @@ def compile_cache_options(f: Any) -> Any:
 
 def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_utilization: float | None,
                     kv_cache_page_size: int, kv_cache_pages: int | None, prefill_chunk_size: int,
-                    overlap_scheduler: bool, compile_cache_dir: Path | None,
+                    overlap_scheduler: bool, max_images_per_request: int, compile_cache_dir: Path | None,
                     no_compile_cache: bool) -> dict[str, Any]:
     """The scheduler, KV and compile-cache parts of a `PipelineConfig` from `engine_options` and
     `compile_cache_options` (ValueError on a bad value)."""
@@ -107,7 +117,8 @@ def _engine_configs(max_batch_size: int, max_length: int | None, device_memory_u
 
     return {
         "scheduler": SchedulerConfig(max_batch_size=max_batch_size, max_length=max_length,
-                                     prefill_chunk_size=prefill_chunk_size, overlap=overlap_scheduler),
+                                     prefill_chunk_size=prefill_chunk_size, overlap=overlap_scheduler,
+                                     max_images_per_request=max_images_per_request),
         "kv_cache": KVCacheConfig(page_size=kv_cache_page_size, device_memory_utilization=device_memory_utilization,
                                   num_pages=kv_cache_pages),
         "compile_cache": CompileCacheConfig(enabled=not no_compile_cache, directory=compile_cache_dir),
@@ -159,6 +170,7 @@ main.add_command(benchmark)
 
 @main.command()
 @model_options
+@mmproj_option
 @custom_architectures_option
 @click.option("--served-model-name", default=None, help="The model id clients send [default: the --model value].")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -180,44 +192,50 @@ main.add_command(benchmark)
               help="embed: also serve /v1/embeddings [default: embed for checkpoints that declare a pooling].")
 @click.option("--web-ui/--no-web-ui", default=True, show_default=True,
               help="Serve a chat page at / (no API key needed to load it; it asks for the key on 401).")
+@click.option("--allowed-image-roots", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
+              help="A directory whose files requests may name as images (file:// URLs, absolute paths); "
+                   "repeatable [default: none: images come inline, as data URLs; remote URLs are never fetched].")
 def serve(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
-          custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
+          mmproj: Path | None, custom_architectures: tuple[str, ...], served_model_name: str | None, host: str, port: int,
           max_batch_size: int, max_length: int | None,
           device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
-          prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
-          no_compile_cache: bool, max_queue_size: int,
+          prefill_chunk_size: int, overlap_scheduler: bool, max_images_per_request: int,
+          compile_cache_dir: Path | None, no_compile_cache: bool, max_queue_size: int,
           chat_template: str | None, api_key: str | None, shutdown_timeout: float, tool_call_parser: str | None,
-          reasoning_parser: str | None, task: str | None, web_ui: bool) -> None:
+          reasoning_parser: str | None, task: str | None, web_ui: bool,
+          allowed_image_roots: tuple[Path, ...]) -> None:
     """Serve a model behind an OpenAI-compatible API."""
-    from maxjax.config import PipelineConfig, ServerConfig
+    from maxjax.config import ImageLimits, PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
 
     try:
         config = PipelineConfig(
             **_engine_configs(max_batch_size, max_length, device_memory_utilization, kv_cache_page_size,
-                              kv_cache_pages, prefill_chunk_size, overlap_scheduler, compile_cache_dir,
-                              no_compile_cache),
+                              kv_cache_pages, prefill_chunk_size, overlap_scheduler, max_images_per_request,
+                              compile_cache_dir, no_compile_cache),
             server=ServerConfig(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                                 max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout,
                                 tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-                                task=task, web_ui=web_ui),
+                                task=task, web_ui=web_ui, images=ImageLimits(allowed_roots=allowed_image_roots)),
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    run_server(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
+    run_server(config, model=model, revision=revision, quantization_encoding=quantization_encoding, mmproj=mmproj,
                devices=devices, chat_template=chat_template, custom_architectures=custom_architectures)
 
 
 @main.command(name="warm-cache")
 @model_options
+@mmproj_option
 @custom_architectures_option
 @engine_options
 @compile_cache_options
 def warm_cache(model: str | None, revision: str | None, quantization_encoding: str | None, devices: str | None,
-               custom_architectures: tuple[str, ...], max_batch_size: int, max_length: int | None,
+               mmproj: Path | None, custom_architectures: tuple[str, ...], max_batch_size: int, max_length: int | None,
                device_memory_utilization: float | None, kv_cache_page_size: int, kv_cache_pages: int | None,
-               prefill_chunk_size: int, overlap_scheduler: bool, compile_cache_dir: Path | None,
-               no_compile_cache: bool) -> None:
+               prefill_chunk_size: int, overlap_scheduler: bool, max_images_per_request: int,
+               compile_cache_dir: Path | None, no_compile_cache: bool) -> None:
     """Compile everything `max serve` with the same flags runs into the compile cache, without serving.
 
     A later `max serve` with the same model and flags loads the executables instead of compiling them.
@@ -228,10 +246,11 @@ def warm_cache(model: str | None, revision: str | None, quantization_encoding: s
     try:
         config = PipelineConfig(**_engine_configs(max_batch_size, max_length, device_memory_utilization,
                                                   kv_cache_page_size, kv_cache_pages, prefill_chunk_size,
-                                                  overlap_scheduler, compile_cache_dir, no_compile_cache))
+                                                  overlap_scheduler, max_images_per_request, compile_cache_dir,
+                                                  no_compile_cache))
     except ValueError as e:
         raise UserError(str(e)) from None
-    report = run(config, model=model, revision=revision, quantization_encoding=quantization_encoding,
+    report = run(config, model=model, revision=revision, quantization_encoding=quantization_encoding, mmproj=mmproj,
                  devices=devices, custom_architectures=custom_architectures)
     click.echo(f"{report.compiled + report.cached} executables: {report.compiled} compiled, "
                f"{report.cached} already cached ({report.seconds:.1f} s)")
@@ -257,11 +276,12 @@ def list_architectures(as_json: bool, custom_architectures: tuple[str, ...]) -> 
             "supported_encodings": list(a.supported_encodings),
             "in_blocks_encodings": list(IN_BLOCKS),
             "gguf_architectures": list(a.gguf_architectures),
+            "takes_images": a.open_vision is not None,
             "example_repo_ids": list(a.example_repo_ids),
         } for a in entries]}, indent=2))
         return
     rows = [("ARCHITECTURE", "ENCODINGS", "GGUF", "EXAMPLES")] + [(
-        a.name,
+        a.name + " (+images)" * (a.open_vision is not None),
         ", ".join(e + "*" * (e in IN_BLOCKS) for e in dict.fromkeys([a.default_encoding, *a.supported_encodings,
                                                                    *IN_BLOCKS])),
         ", ".join(a.gguf_architectures) or "-",
@@ -271,4 +291,5 @@ def list_architectures(as_json: bool, custom_architectures: tuple[str, ...]) -> 
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
     click.echo("\n* multiplied in their blocks on CPU (maxjax's kernel) and GPU/TPU (dequantized beside the matmul); "
-               "a float checkpoint is quantized to them at load with --quantization-encoding")
+               "a float checkpoint is quantized to them at load with --quantization-encoding; (+images): takes "
+               "images in chat (a GGUF with its mmproj file)")

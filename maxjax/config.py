@@ -1,14 +1,39 @@
 """Frozen configuration objects. Every default is decided here, once; validation names the bad value and the fix.
 
 `PipelineConfig` = `ModelConfig` (which weights, which dtype, which devices) + `KVCacheConfig` (the page pool) +
-`SchedulerConfig` (batch and chunk sizes) + `ServerConfig` (the HTTP side) + `CompileCacheConfig`. The CLI
-builds these from flags; nothing else reads flags or environment variables.
+`SchedulerConfig` (batch and chunk sizes) + `ServerConfig` (the HTTP side, with its `ImageLimits`) +
+`CompileCacheConfig`. The CLI builds these from flags; nothing else reads flags or environment variables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the HTTP side accepts as a request's images (`serve/images.py`). How many one request may carry is the
+    engine's (`SchedulerConfig.max_images_per_request`, sent back as `VisionInfo.max_images`)."""
+
+    allowed_roots: tuple[Path, ...] = ()
+    """Directories whose files a request may name (`file://` URLs, absolute paths), symlinks and `..` resolved
+    first; empty: no local file is read. Remote URLs are never fetched."""
+    max_bytes: int = 20 * 2**20
+    """The largest encoded image (a data URL's decoded bytes, a file's size)."""
+    max_pixels: int = 32_000_000
+    """The most pixels (width x height) an image may have, read from its header before it is decoded."""
+    max_body_bytes: int = 50 * 2**20
+    """The largest request body (OpenAI's own limit): room for a request's images as base64 data URLs."""
+
+    def __post_init__(self) -> None:
+        for root in self.allowed_roots:
+            if not root.is_absolute() or not root.is_dir():
+                raise ValueError(f"allowed image root {root} is not a directory: name an existing directory by its "
+                                 "absolute path")
+        for name in ("max_bytes", "max_pixels", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,8 @@ class ServerConfig:
     web_ui: bool = True
     """Serve the chat page at `/` (its files under `/static/`, without the API key: the page holds no secret and
     sends the key on its /v1 calls); off, `/` is a 404 like any unknown route."""
+    images: ImageLimits = field(default_factory=ImageLimits)
+    """What a request's images may be (where files are read from, sizes)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shutdown_timeout < float("inf"):
@@ -59,6 +86,9 @@ class SchedulerConfig:
     """Prompt tokens processed in one prefill step; longer prompts are chunked so decodes keep running."""
     overlap: bool = True
     """Dispatch each step before the tokens of the one before are fetched (`EngineCore.step`)."""
+    max_images_per_request: int = 8
+    """The most images one request may carry, for a model that takes images (`VisionInfo.max_images`); more is
+    a 400."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -67,6 +97,8 @@ class SchedulerConfig:
             raise ValueError(f"max_length {self.max_length} is too small: use at least 16")
         if self.prefill_chunk_size < 16 or self.prefill_chunk_size & (self.prefill_chunk_size - 1):
             raise ValueError(f"prefill_chunk_size {self.prefill_chunk_size} must be a power of two >= 16")
+        if self.max_images_per_request < 1:
+            raise ValueError(f"max_images_per_request {self.max_images_per_request} must be at least 1")
 
 
 @dataclass(frozen=True)

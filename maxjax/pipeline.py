@@ -170,12 +170,12 @@ def _blocks_holders(model: nnx.Module) -> dict[tuple[str, ...], Any]:
     return holders
 
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 """A parameter's path in the pure parameter dict."""
 
 
-def _set_aside_blocks(params: dict[str, Any], holders: Container[Path], dtype: np.dtype[Any],
-                      quantize_to: str | None = None, prefix: Path = ()) -> dict[Path, QuantizedRows]:
+def _set_aside_blocks(params: dict[str, Any], holders: Container[ParamPath], dtype: np.dtype[Any],
+                      quantize_to: str | None = None, prefix: ParamPath = ()) -> dict[ParamPath, QuantizedRows]:
     """Take the tensors kept in their blocks out of `params` (in place), leaving stand-ins of the float shape
     (for the shape checks; no memory) where a module will hold the blocks, the values dequantized elsewhere.
     With `quantize_to`, a float matrix a module can hold in blocks is first quantized to that encoding as
@@ -184,7 +184,7 @@ def _set_aside_blocks(params: dict[str, Any], holders: Container[Path], dtype: n
 
     from maxjax.kernels import quant
 
-    taken: dict[Path, QuantizedRows] = {}
+    taken: dict[ParamPath, QuantizedRows] = {}
     for key, value in params.items():
         path = (*prefix, str(key))
         if isinstance(value, dict):

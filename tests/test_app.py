@@ -300,6 +300,8 @@ BAD_CHAT = [
     ({"messages": []}, "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages", None),  # a text-only model (tests/test_images.py: a model that takes images)
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content", None),
     ({"messages": USER, "temperature": 3}, "temperature", None),
     ({"messages": USER, "top_p": 0}, "top_p", None),

@@ -256,7 +256,10 @@ def test_an_engine_failure_mid_stream_is_response_failed(tok: Tokenizer) -> None
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),  # text-only
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}, "input[0].content"),
+    ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "input[0].content"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),

@@ -150,10 +150,30 @@ def test_messages() -> None:
     chat(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}])
 
 
-def test_images_and_other_media_are_refused() -> None:
-    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
-    err = error_of(chat, messages=[{"role": "user", "content": image}])
-    assert err.param == "messages[0].content" and "image" in err.message
+def test_image_parts_keep_their_place_and_other_media_are_refused() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}},
+             {"type": "refusal", "refusal": "b"}, {"type": "image_url", "image_url": "/pics/y.png"}]  # fmt: skip
+    req = chat(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": parts}])
+    assert req.messages[1].content == [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:x"}},
+        {"type": "text", "text": "b"}, {"type": "image_url", "image_url": {"url": "/pics/y.png"}},
+    ]  # fmt: skip
+    assert req.messages[1].template_dict()["content"] == [
+        {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}, {"type": "image"}]
+    assert [(r.url, r.param) for r in req.image_refs()] == [("data:x", "messages[1].content[1]"),
+                                                            ("/pics/y.png", "messages[1].content[3]")]  # fmt: skip
+    assert chat().image_refs() == []
+
+    def image_error(part: dict[str, Any], role: str = "user") -> ApiError:
+        return error_of(chat, messages=[{"role": role, "content": [{"type": "text", "text": "a"}, part]}])
+
+    err = image_error({"type": "image_url", "image_url": {"url": "data:x"}}, role="assistant")
+    assert err.param == "messages[0].content" and "content[1]: image parts are only allowed in user messages" in err.message
+    assert "must look like" in image_error({"type": "image_url", "image_url": {"url": ""}}).message
+    assert "must look like" in image_error({"type": "image_url", "image_url": {"url": "x", "size": 1}}).message
+    assert "must look like" in image_error({"type": "image_url", "image_url": 5}).message
+    assert "detail" in image_error({"type": "image_url", "image_url": {"url": "x", "detail": "max"}}).message
+    assert "image_url" in image_error({"type": "input_image", "image_url": "x"}).message
     audio = [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]
     assert "not supported" in error_of(chat, messages=[{"role": "user", "content": audio}]).message
     assert error_of(chat, messages=[{"role": "user", "content": [{"text": "no type"}]}]).param

@@ -23,7 +23,13 @@ from maxjax.config import KVCacheConfig, SchedulerConfig
 from maxjax.hub import resolve_model
 from maxjax.pipeline import LoadedModel, load_model
 from maxjax.serve.engine_core import EngineCore
-from maxjax.serve.protocol import GenerationOutput, GenerationRequest, ImageInput, RequestRejected, SamplingParams
+from maxjax.serve.protocol import (
+    GenerationOutput,
+    GenerationRequest,
+    ImageInput,
+    RequestRejected,
+    SamplingParams,
+)
 from tests.test_vision import FOLDER, TOLERANCE, reference
 
 

@@ -326,7 +326,7 @@ class ModelRunner:
                                out_shardings=(cache_shardings, rep, rep, rep))
         # A model that takes images (`model.vision`) keeps an image table on the device, [slots + 1, M, D] (the
         # last slot: the scratch slot padding images write), which `encode_images` fills and prefill steps read.
-        vision = getattr(model, "vision", None)
+        vision: Any = getattr(model, "vision", None)
         self.image_slots = image_slots if vision is not None else 0
         self.image_buckets: tuple[int, ...] = ()
         self._images: jax.Array | None = None

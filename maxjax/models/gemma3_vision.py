@@ -192,8 +192,7 @@ class Gemma3VisionModel(nnx.Module):
 
 def text_embeddings(text_model: gemma3.Gemma3ForCausalLM, tokens: jax.Array) -> jax.Array:
     """tokens [..., T] -> embeddings [..., T, D] scaled by sqrt(D), as `Gemma3ForCausalLM.forward` computes them."""
-    x = text_model.embed(tokens)
-    return x * jnp.asarray(math.sqrt(text_model.cfg.hidden_size), x.dtype)
+    return text_model.embed_input(tokens)
 
 
 def merge_image_features(tokens: jax.Array | np.ndarray, embeds: jax.Array, features: jax.Array,

@@ -27,8 +27,12 @@ Policy for request fields (see schemas.py for every field and range):
   `repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output` (and, for
   chat, `chat_template_kwargs`) are honoured; the `openai` client sends them with `extra_body`.
 - `response_format`, `structured_outputs`, `tools` and `tool_choice` constrain or parse the answer (grammar.py,
-  tool_use.py). Known fields we cannot honour are a 400 saying so: the deprecated `functions`, image/audio/file
-  content parts, completions `suffix`, `best_of` other than `n`.
+  tool_use.py). Known fields we cannot honour are a 400 saying so: the deprecated `functions`, audio/file
+  content parts (and image parts, for a model that takes no images), completions `suffix`, `best_of` other than
+  `n`.
+- Images (`image_url` parts; `input_image` on /v1/responses) come inline as base64 data URLs, or as local files
+  under `--allowed-image-roots`; remote URLs are never fetched. Their limits (`config.ImageLimits`: bytes,
+  pixels, the body size; images per request from the engine) are 400s naming the image (serve/images.py).
 - `n` is capped at `schemas.MAX_N` (16): each choice takes a batch row. Stop strings: at most 4; empty ones are
   dropped. `max_completion_tokens` wins over `max_tokens`; without either, chat may use the rest of the context
   and completions get 16 tokens (both cut to what fits); asking for more than fits is a 400
@@ -124,6 +128,7 @@ class ServingState:
 def create_app(config: ServerConfig, state: ServingState) -> Quart:
     app = Quart("maxjax.serve")
     app.config["RESPONSE_TIMEOUT"] = None  # a long generation is not a stuck response
+    app.config["MAX_CONTENT_LENGTH"] = config.images.max_body_bytes  # images come inline, as base64 data URLs
     expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     def serving() -> tuple[Engine, TextTokenizer]:
@@ -179,6 +184,9 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         message = exc.description or exc.name
         if status == 404:
             message = f"Unknown route {request.method} {request.path}."
+        elif status == 413:
+            message = (f"The request body is larger than the {config.images.max_body_bytes:,} bytes this server "
+                       "takes (images inline count at their base64 size).")
         return json_response(ApiError(message, status=status, type=kind).body(), status)
 
     @app.errorhandler(Exception)
@@ -193,7 +201,7 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         body = await _read_json()
         return await create_chat_completion(
             body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics, arrived=_arrived(),
-            features=chat_features(tokenizer),
+            features=chat_features(tokenizer), image_limits=config.images,
         )
 
     @app.post("/v1/completions")
@@ -221,7 +229,7 @@ def create_app(config: ServerConfig, state: ServingState) -> Quart:
         body = await _read_json()
         return await create_response(
             body, engine=engine, tokenizer=tokenizer, model=state.model_name, metrics=state.metrics,
-            arrived=_arrived(), features=chat_features(tokenizer), store=responses,
+            arrived=_arrived(), features=chat_features(tokenizer), store=responses, image_limits=config.images,
         )
 
     @app.get("/v1/responses/<response_id>")

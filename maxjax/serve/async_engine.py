@@ -232,3 +232,4 @@ class AsyncEngine:
         self.metrics.set_running_batch_size(len(sched.running))
         self.metrics.set_queue_depth(len(sched.waiting))
         self.metrics.set_kv_pages_in_use(sched.pages.in_use)
+        self.metrics.set_images(self.core.images.encoded, self.core.images.reused)

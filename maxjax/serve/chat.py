@@ -1,11 +1,12 @@
 """`POST /v1/chat/completions`: messages in, one assistant message per choice out (whole, or streamed as SSE).
 
 The path: validate the body (`ChatCompletionRequest`, then `.check`) → plan the tools (`tool_use.ToolPlan`: what
-the template sees, a forced call's grammar, the parser) → render the chat template and tokenize (in a worker
-thread: a long conversation must not stall other streams) → size the token budget against the context → one
-engine request per choice (`ChoiceRunner`) → read each choice's text into content, `reasoning_content` and
-`tool_calls` (`chat_answer`) and either collect it into a `chat.completion`, or send it as
-`chat.completion.chunk` events as it comes.
+the template sees, a forced call's grammar, the parser) → render the chat template and tokenize, each image's
+place expanded into its placeholder tokens (in a worker thread: a long conversation must not stall other streams)
+→ size the token budget against the context → read, decode and preprocess the images (`images.py`, in a worker
+thread too) → one engine request per choice (`ChoiceRunner`, each carrying the images) → read each choice's text
+into content, `reasoning_content` and `tool_calls` (`chat_answer`) and either collect it into a
+`chat.completion`, or send it as `chat.completion.chunk` events as it comes.
 
 Stream shape (what the `openai` client and its users rely on): every chunk has the same id, created and model;
 each choice index opens with `delta: {"role": "assistant", "content": ""}`; later chunks carry no role (their
@@ -29,6 +30,8 @@ from typing import Any
 
 from quart import Response
 
+from maxjax.chat_template import IMAGE_MARKER, takes_content_parts
+from maxjax.config import ImageLimits
 from maxjax.serve.chat_answer import AnswerReader, read_answer
 from maxjax.serve.choices import (
     SSE_DONE,
@@ -46,8 +49,16 @@ from maxjax.serve.choices import (
 )
 from maxjax.serve.errors import ApiError
 from maxjax.serve.grammar import GrammarError
+from maxjax.serve.images import check_images, image_prompt_ids, load_images
 from maxjax.serve.metrics import Metrics
-from maxjax.serve.protocol import Engine, GenerationRequest, SamplingParams, TokenLogprob
+from maxjax.serve.protocol import (
+    Engine,
+    GenerationRequest,
+    ImageInput,
+    SamplingParams,
+    TokenLogprob,
+    VisionInfo,
+)
 from maxjax.serve.schemas import ChatCompletionRequest, ChatTokenLogprob, parse_request
 from maxjax.serve.text import ChoiceText, TextTokenizer, chat_logprobs
 from maxjax.serve.tool_use import ChatFeatures, ToolPlan
@@ -56,8 +67,13 @@ logger = logging.getLogger(__name__)
 
 
 def chat_prompt(tokenizer: TextTokenizer, request: ChatCompletionRequest, plan: ToolPlan, *,
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """Render the chat template and tokenize; a template that refuses the messages is the client's 400."""
+                add_generation_prompt: bool = True, vision: VisionInfo | None = None) -> tuple[str, list[int]]:
+    """Render the chat template and tokenize; a template that refuses the messages is the client's 400. With
+    images (`vision`: the model's, None for a text-only model, which refuses them), each image's place in the
+    rendered text (the boi token's text, which a template that loops over content writes for an image part, else
+    `chat_template.IMAGE_MARKER`) becomes its block of placeholder tokens (`images.image_prompt_ids`)."""
+    images = len(request.image_refs())
+    taken = check_images(images, vision) if images else None  # before rendering: a text-only model refuses them
     extra = dict(request.chat_template_kwargs or {})
     if plan.template_tools is not None:
         extra.setdefault("tools", plan.template_tools)
@@ -66,8 +82,23 @@ def chat_prompt(tokenizer: TextTokenizer, request: ChatCompletionRequest, plan: 
     except Exception as exc:
         logger.info("chat template failed: %s", exc)
         raise ApiError(f"The chat template could not render these messages: {exc}", param="messages") from exc
-    # The template writes the special tokens (BOS included) itself.
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    if taken is None:
+        # The template writes the special tokens (BOS included) itself.
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    source = tokenizer.chat_template_source(has_tools=bool(extra.get("tools")))
+    parts = source is not None and takes_content_parts(source)
+    marker = tokenizer.token_text(taken.boi_token_id) if parts else IMAGE_MARKER
+    return text, image_prompt_ids(tokenizer, text, marker=marker, images=images, vision=taken)
+
+
+async def request_images(request: ChatCompletionRequest, engine: Engine,
+                         limits: ImageLimits) -> tuple[ImageInput, ...]:
+    """The request's images, read and preprocessed in a worker thread (`images.load_images`); a 400 names the
+    first that cannot be used."""
+    refs = request.image_refs()
+    if not refs:
+        return ()
+    return await asyncio.to_thread(load_images, refs, check_images(len(refs), engine.vision), limits)
 
 
 def tool_plan(tokenizer: TextTokenizer, request: ChatCompletionRequest, features: ChatFeatures) -> ToolPlan:
@@ -94,15 +125,17 @@ async def create_chat_completion(
     metrics: Metrics,
     arrived: float,
     features: ChatFeatures,
+    image_limits: ImageLimits,
 ) -> Response:
     request = parse_request(ChatCompletionRequest, body, vocab_size=tokenizer.vocab_size)
     check_model(request.model, model)
     plan = tool_plan(tokenizer, request, features)
-    prompt_text, ids = await asyncio.to_thread(chat_prompt, tokenizer, request, plan)
+    prompt_text, ids = await asyncio.to_thread(chat_prompt, tokenizer, request, plan, vision=engine.vision)
     prompt_ids = tuple(ids)
     max_tokens = token_budget(
         len(prompt_ids), request.requested_max_tokens, engine.max_model_len, default=None, param="messages"
     )
+    images = await request_images(request, engine, image_limits)
     top_n = (request.top_logprobs or 0) if request.logprobs else None
     request_id = new_id("chatcmpl")
     keep = features.keep_ids(tools=plan.parser is not None)
@@ -114,7 +147,7 @@ async def create_chat_completion(
     choices = [
         Choice(
             index=i,
-            request=GenerationRequest(f"{request_id}-{i}", prompt_ids, params(i)),
+            request=GenerationRequest(f"{request_id}-{i}", prompt_ids, params(i), images),
             text=ChoiceText.for_request(tokenizer, request, keep=keep),
         )
         for i in range(request.n or 1)

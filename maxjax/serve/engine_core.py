@@ -35,6 +35,7 @@ from maxjax.graph.sampling import (
 )
 from maxjax.pipeline import LoadedModel
 from maxjax.serve.admission import admit
+from maxjax.serve.image_table import ImageTable
 from maxjax.serve.protocol import (
     GenerationOutput,
     GenerationRequest,
@@ -43,7 +44,6 @@ from maxjax.serve.protocol import (
     TokenLogprob,
     VisionInfo,
 )
-from maxjax.serve.image_table import ImageTable
 from maxjax.serve.request import Request, check_stop
 from maxjax.serve.scheduler import Plan, Scheduler
 
@@ -162,7 +162,7 @@ class EngineCore:
             vision = VisionInfo(image_token_id=vc.image_token_id, boi_token_id=vc.boi_token_id,
                                 eoi_token_id=vc.eoi_token_id, tokens_per_image=vc.mm_tokens_per_image,
                                 processing=loaded.vision.processing,
-                                max_images=getattr(scheduler, "max_images_per_request", 8))
+                                max_images=scheduler.max_images_per_request)
         runner = ModelRunner(loaded.model, spec, grid, mesh=make_mesh(devices),
                              image_slots=max(16, 2 * images_per_step) if vision else 0, images_per_step=images_per_step)
         log.info(

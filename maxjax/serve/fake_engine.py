@@ -26,6 +26,7 @@ from maxjax.serve.protocol import (
     GenerationRequest,
     Pooling,
     QueueFullError,
+    RequestRejected,
     SamplingParams,
     TokenLogprob,
     VisionInfo,
@@ -49,6 +50,7 @@ class FakeEngine:
         nonfinite_logprobs: bool = False,
         metrics: Metrics | None = None,
         answer: Sequence[int] | None = None,
+        vision: VisionInfo | None = None,
     ) -> None:
         """
         pool: token ids to generate from (ordinary text tokens make readable output).
@@ -57,6 +59,8 @@ class FakeEngine:
         fail_after: raise RuntimeError after this many outputs (to test errors mid-stream).
         nonfinite_logprobs: put -inf and NaN among the logprobs (to test that the server clamps them).
         answer: every request gets these tokens in this order (repeated to its length) instead of random ones.
+        vision: take images as this says (None: a text-only model); a request with images whose prompt does not
+            hold `tokens_per_image` placeholders for each of them is refused, as the real engine refuses it.
         """
         assert pool, "the fake engine needs a non-empty token pool"
         self.pool = tuple(pool)
@@ -72,7 +76,7 @@ class FakeEngine:
         self.metrics = metrics
         self.answer = tuple(answer or ())
         self.pooling = Pooling()
-        self.vision: VisionInfo | None = None
+        self.vision = vision
         self.requests: list[GenerationRequest] = []
         self.live: set[str] = set()
         self.cancelled: list[str] = []
@@ -82,12 +86,22 @@ class FakeEngine:
     def generate(self, request: GenerationRequest) -> _FakeStream:
         if self.aborting:
             raise Aborted("the server is shutting down")
+        if request.images:
+            self._check_images(request)
         if self.max_queue is not None and len(self.live) >= self.max_queue:
             raise QueueFullError(f"{len(self.live)} requests are live (max_queue={self.max_queue})")
         self.requests.append(request)
         self.live.add(request.request_id)
         self._report()
         return _FakeStream(self, request)
+
+    def _check_images(self, request: GenerationRequest) -> None:
+        if self.vision is None:
+            raise RequestRejected("this model does not take images", param="messages")
+        placeholders = request.prompt_ids.count(self.vision.image_token_id)
+        if placeholders != len(request.images) * self.vision.tokens_per_image:
+            raise RequestRejected(f"the prompt holds {placeholders} image placeholders for {len(request.images)} "
+                                  f"images of {self.vision.tokens_per_image} tokens", param="messages")
 
     def stop(self) -> None:
         """Nothing runs in the background."""

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def run_server(config: PipelineConfig, *, model: str | None, revision: str | None,
                quantization_encoding: str | None, devices: str | None, chat_template: str | None,
-               custom_architectures: Sequence[str] = ()) -> None:
+               custom_architectures: Sequence[str] = (), mmproj: Path | None = None) -> None:
     from maxjax.custom import registry_with
 
     device_spec = DeviceSpec.parse(devices)
@@ -58,7 +58,8 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         devices = device_spec.select()
         parts.done("start-up and imports")
         checkpoint = open_checkpoint(
-            resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
+            resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry,
+            mmproj=mmproj,
         )
         if template is not None:
             checkpoint.tokenizer.set_chat_template(template)
@@ -95,7 +96,7 @@ def _decode_step(entry: tuple[str, Any]) -> bool:
 
 def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | None,
                quantization_encoding: str | None, devices: str | None,
-               custom_architectures: Sequence[str] = ()) -> WarmUp:
+               custom_architectures: Sequence[str] = (), mmproj: Path | None = None) -> WarmUp:
     """`max warm-cache`: compile into the compile cache every executable `max serve` with the same flags needs,
     without serving; what is already cached is only checked."""
     from maxjax.custom import registry_with
@@ -108,7 +109,7 @@ def warm_cache(config: PipelineConfig, *, model: str | None, revision: str | Non
     registry = registry_with(custom_architectures)
     selected = DeviceSpec.parse(devices).select()
     checkpoint = open_checkpoint(
-        resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry
+        resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry, mmproj=mmproj
     )
     _, report = build_engine(checkpoint, selected, config)
     log.info("compile cache: %s", config.compile_cache.directory or default_dir())

@@ -52,6 +52,11 @@ class Metrics:
         self.queue_depth = Gauge("maxjax_queue_depth", "Requests waiting for a batch row (set by the engine).", registry=r)
         self.kv_pages_in_use = Gauge("maxjax_kv_pages_in_use", "KV cache pages allocated (set by the engine).", registry=r)
         self.kv_pages_total = Gauge("maxjax_kv_pages_total", "KV cache pages in the pool (set by the engine).", registry=r)
+        self.images_encoded = Counter("maxjax_images_encoded", "Images the vision encoder ran on.", registry=r)
+        self.images_reused = Counter(
+            "maxjax_images_reused", "Images whose soft tokens were still in the image table, not encoded again.",
+            registry=r)
+        self._images = (0, 0)
         self.engine_steps = Counter("maxjax_engine_steps", "Engine iterations that ran a step.", registry=r)
         self.engine_host_seconds = Counter(
             "maxjax_engine_host_seconds",
@@ -91,6 +96,12 @@ class Metrics:
 
     def set_kv_pages_total(self, n: int) -> None:
         self.kv_pages_total.set(n)
+
+    def set_images(self, encoded: int, reused: int) -> None:
+        """The engine's running totals (`ImageTable`): the counters go up by what is new."""
+        self.images_encoded.inc(encoded - self._images[0])
+        self.images_reused.inc(reused - self._images[1])
+        self._images = (encoded, reused)
 
     def observe_step(self, host_seconds: float, device_wait_seconds: float) -> None:
         self.engine_steps.inc()

@@ -2,12 +2,12 @@
 
 The path: validate the body (`ResponsesRequest`, responses_request.py) → with `previous_response_id`, the stored
 conversation it continues (its input items and output items, before the new input; a 404 when it is not stored)
-→ the chat request it means (`to_chat`) → chat's tool plan, template and token budget (chat.py, choices.py) → one
-engine request (`ChoiceRunner`, started before any byte is sent, so a full queue is a real 429) → the answer read
-into thinking, text and calls (chat_answer.py) and written as output items (response_events.py): collected into
-one `response` object, or streamed as typed events from `response.created` to `response.completed` (cut by
-`max_output_tokens`: status `incomplete`, `response.incomplete`; an engine failure after the first byte:
-`response.failed`).
+→ the chat request it means (`to_chat`) → chat's tool plan, template, token budget and images (chat.py,
+choices.py, images.py; an image's 400 names `input`) → one engine request (`ChoiceRunner`, started before any
+byte is sent, so a full queue is a real 429) → the answer read into thinking, text and calls (chat_answer.py) and
+written as output items (response_events.py): collected into one `response` object, or streamed as typed events
+from `response.created` to `response.completed` (cut by `max_output_tokens`: status `incomplete`,
+`response.incomplete`; an engine failure after the first byte: `response.failed`).
 
 Stored responses (`store`, default true, as on OpenAI) live in memory, in a `ResponseStore` of the app's: the
 last `STORE_SIZE` responses, least recently used evicted first, lost on restart. A continued conversation
@@ -34,7 +34,8 @@ from typing import Any
 from pydantic import ValidationError
 from quart import Response
 
-from maxjax.serve.chat import chat_prompt, tool_plan
+from maxjax.config import ImageLimits
+from maxjax.serve.chat import chat_prompt, request_images, tool_plan
 from maxjax.serve.chat_answer import AnswerReader, read_answer
 from maxjax.serve.choices import Choice, ChoiceRunner, check_model, json_response, sse_response, token_budget
 from maxjax.serve.errors import ApiError, internal_error, validation_error
@@ -117,6 +118,7 @@ async def create_response(
     arrived: float,
     features: ChatFeatures,
     store: ResponseStore,
+    image_limits: ImageLimits,
 ) -> Response:
     request = parse_responses_request(body)
     check_model(request.model, model)
@@ -126,9 +128,13 @@ async def create_response(
     items = request.input_items()
     chat = request.to_chat(parse_items(earlier, param="previous_response_id") + items, vocab_size=tokenizer.vocab_size)
     plan = tool_plan(tokenizer, chat, features)
-    prompt_text, ids = await asyncio.to_thread(chat_prompt, tokenizer, chat, plan)
+    try:
+        prompt_text, ids = await asyncio.to_thread(chat_prompt, tokenizer, chat, plan, vision=engine.vision)
+    except ApiError as exc:
+        raise renamed(exc) from None
     response_id = item_id("resp")
-    runner = await _start(engine, tokenizer, chat, plan, features, (response_id, tuple(ids)), metrics, arrived)
+    prompt = _Prompt(response_id, tuple(ids), image_limits)
+    runner = await _start(engine, tokenizer, chat, plan, features, prompt, metrics, arrived)
     draft = _Draft(request, response_id, model, len(ids), tokenizer,
                    [*earlier, *(item.model_dump(exclude_none=True) for item in items)])  # fmt: skip
     reader = _ReaderArgs(features, plan.parser, prompt_text)
@@ -137,21 +143,33 @@ async def create_response(
     return json_response(await _collect(runner, draft, reader, store))
 
 
+@dataclass(frozen=True)
+class _Prompt:
+    """The engine request's id and prompt ids, and what its images may be."""
+
+    request_id: str
+    ids: tuple[int, ...]
+    image_limits: ImageLimits
+
+
 async def _start(engine: Engine, tokenizer: TextTokenizer, chat: ChatCompletionRequest, plan: ToolPlan,
-                 features: ChatFeatures, prompt: tuple[str, tuple[int, ...]], metrics: Metrics,
-                 arrived: float) -> ChoiceRunner:
-    """Size the budget, submit the one engine request (`prompt`: its id and token ids) and return its runner."""
-    request_id, ids = prompt
+                 features: ChatFeatures, prompt: _Prompt, metrics: Metrics, arrived: float) -> ChoiceRunner:
+    """Size the budget, read the images, submit the one engine request and return its runner."""
     try:
-        max_tokens = token_budget(len(ids), chat.requested_max_tokens, engine.max_model_len,
+        max_tokens = token_budget(len(prompt.ids), chat.requested_max_tokens, engine.max_model_len,
                                   default=None, param="input")  # fmt: skip
     except ApiError as exc:
         raise renamed(exc) from None
+    try:
+        images = await request_images(chat, engine, prompt.image_limits)
+    except ApiError as exc:
+        exc.param = "input"  # chat's messages[i] is not input[i] (instructions, earlier turns come first)
+        raise
     params = chat.sampling_params(max_tokens=max_tokens, seed=chat.seed, logprobs=None)
     if plan.grammar is not None:  # a forced call
         params = dataclasses.replace(params, grammar=plan.grammar)
     text = ChoiceText.for_request(tokenizer, chat, keep=features.keep_ids(tools=plan.parser is not None))
-    choice = Choice(0, GenerationRequest(request_id, ids, params), text)
+    choice = Choice(0, GenerationRequest(prompt.request_id, prompt.ids, params, images), text)
     runner = ChoiceRunner(engine, [choice], metrics, arrived=arrived)
     await runner.start()
     return runner

@@ -6,9 +6,10 @@ rewritten it:
 
 - `input` (a string: one user message; or a list of items) and `instructions` (a system message, first) become
   `messages`. Items: `message` (roles user/system/developer/assistant; content a string or `input_text` /
-  `output_text` / `refusal` parts), `function_call` (an assistant turn's `tool_calls`; consecutive calls share one
-  turn), `function_call_output` (a `tool` message) and `reasoning` (accepted, left out of the prompt: templates
-  have no place for earlier thinking). Images, files and item references are a 400.
+  `output_text` / `refusal` parts, and in user messages `input_image` parts: chat's `image_url`, read by chat's
+  path), `function_call` (an assistant turn's `tool_calls`; consecutive calls share one turn),
+  `function_call_output` (a `tool` message) and `reasoning` (accepted, left out of the prompt: templates have no
+  place for earlier thinking). Images by `file_id`, files and item references are a 400.
 - `tools` (flat: `{"type": "function", "name", "parameters", "strict"}`) and `tool_choice` (`{"type":
   "function", "name"}`) become chat's nested shapes; other tool types are a 400.
 - `text.format` (`text`, `json_object`, `json_schema` with name/schema/strict) becomes `response_format`, so the
@@ -26,34 +27,66 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
 
 from maxjax.serve.errors import ApiError, validation_error
 from maxjax.serve.schemas import ChatCompletionRequest, parse_request
 
 _MEDIA_PARTS = {"input_image", "input_file", "input_audio", "image_url"}
+_IMAGE_DETAIL = ("auto", "low", "high")
 
 
-def _text_of(parts: Any, *, kinds: tuple[str, ...]) -> str:
-    """A content list of text parts as one string (joined with newlines, as chat joins its parts)."""
+def _text_of(parts: Any, *, kinds: tuple[str, ...], images: bool = False) -> str | list[dict[str, Any]]:
+    """A content list of text parts as one string (joined with newlines, as chat joins its parts). With `images`,
+    `input_image` parts are allowed too, and a list that has one stays a list of `input_text` and `input_image`
+    parts, in order."""
     if isinstance(parts, str):
         return parts
     if not isinstance(parts, list):
         raise ValueError("content must be a string or a list of content parts")
-    texts = []
-    for part in parts:
+    out: list[dict[str, Any]] = []
+    for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in kinds and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+            out.append({"type": "input_text", "text": part["text"]})
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
+            out.append({"type": "input_text", "text": part["refusal"]})
+        elif kind == "input_image" and images:
+            out.append(_image_part(part, i))
+        elif kind == "input_image":
+            raise ValueError(f"content[{i}]: input_image parts are only allowed in user messages")
         elif kind in _MEDIA_PARTS:
-            raise ValueError(f"content parts of type '{kind}' are not supported: this server runs a text-only model")
+            also = ", and images as 'input_image' parts" if images else ""
+            raise ValueError(f"content parts of type '{kind}' are not supported here: send text parts{also}")
         else:
             shown = " or ".join(f"'{k}'" for k in kinds)
             raise ValueError(f'content parts must look like {{"type": {shown}, "text": "..."}}')
-    return "\n".join(texts)
+    if any(part["type"] == "input_image" for part in out):
+        return out
+    return "\n".join(part["text"] for part in out)
+
+
+def _image_part(part: dict[str, Any], index: int) -> dict[str, Any]:
+    """An `input_image` part, checked: its `image_url` (a data URL, or a local file the server may read)."""
+    if part.get("file_id") is not None:
+        raise ValueError(f"content[{index}]: images by file_id are not supported (this server stores no files): "
+                         "send image_url, a base64 data URL")  # fmt: skip
+    unknown = sorted(set(part) - {"type", "image_url", "detail", "file_id"})
+    if not isinstance(part.get("image_url"), str) or not part["image_url"] or unknown:
+        raise ValueError(f'content[{index}]: an image part must look like {{"type": "input_image", "image_url": '
+                         '"data:image/png;base64,..."}')  # fmt: skip
+    if part.get("detail", "auto") not in _IMAGE_DETAIL:
+        raise ValueError(f"content[{index}]: detail must be 'auto', 'low' or 'high'")
+    return {"type": "input_image", "image_url": part["image_url"]}
 
 
 class _Item(BaseModel):
@@ -65,15 +98,23 @@ class _Item(BaseModel):
 class MessageItem(_Item):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: str
-    """A string, or a list of `input_text` / `output_text` / `refusal` parts, joined here."""
+    content: str | list[dict[str, Any]]
+    """A string, or a list of `input_text` / `output_text` / `refusal` parts, joined here; in a user message
+    with `input_image` parts, a list of `input_text` and `input_image` parts, in order."""
     phase: str | None = None
     """Sent back by clients that echo an earlier output message; ignored."""
 
     @field_validator("content", mode="before")
     @classmethod
-    def _content(cls, value: Any) -> Any:
-        return _text_of(value, kinds=("input_text", "output_text", "text"))
+    def _content(cls, value: Any, info: ValidationInfo) -> Any:
+        return _text_of(value, kinds=("input_text", "output_text", "text"), images=info.data.get("role") == "user")
+
+    def chat_content(self) -> str | list[dict[str, Any]]:
+        """The content as chat takes it (images as `image_url` parts)."""
+        if isinstance(self.content, str):
+            return self.content
+        return [{"type": "text", "text": p["text"]} if p["type"] == "input_text"
+                else {"type": "image_url", "image_url": {"url": p["image_url"]}} for p in self.content]  # fmt: skip
 
 
 class FunctionCallItem(_Item):
@@ -146,7 +187,7 @@ def item_messages(items: list[InputItem]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for item in items:
         if isinstance(item, MessageItem):
-            messages.append({"role": item.role, "content": item.content})
+            messages.append({"role": item.role, "content": item.chat_content()})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}  # fmt: skip

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from maxjax.serve.errors import ApiError, validation_error
+from maxjax.serve.images import ImageRef
 from maxjax.serve.protocol import INT32_MAX, SamplingParams
 
 if TYPE_CHECKING:
@@ -194,16 +195,44 @@ class SamplingRequest(BaseModel):
         )
 
 
-_IMAGE_PARTS = {"image_url", "input_image", "image"}
-_OTHER_MEDIA_PARTS = {"input_audio", "audio", "file", "input_file", "video_url"}
+_OTHER_MEDIA_PARTS = {"input_audio", "audio", "file", "input_file", "video_url", "input_image", "image"}
+_IMAGE_DETAIL = ("auto", "low", "high")
+
+
+def _content_part(part: Any, index: int, *, role: str | None) -> dict[str, Any]:
+    """One chat content part, checked: `{"type": "text", "text"}` (a refusal part becomes one), or an image as
+    `{"type": "image_url", "image_url": {"url"}}` (`image_url` may be the URL itself, as some clients send it)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return {"type": "text", "text": part["refusal"]}
+    if kind == "image_url":
+        assert isinstance(part, dict)
+        if role != "user":
+            raise ValueError(f"content[{index}]: image parts are only allowed in user messages")
+        image = {"url": part["image_url"]} if isinstance(part.get("image_url"), str) else part.get("image_url")
+        if (not isinstance(image, dict) or not isinstance(image.get("url"), str) or not image["url"]
+                or set(part) - {"type", "image_url"} or set(image) - {"url", "detail"}):
+            raise ValueError(f'content[{index}]: an image part must look like {{"type": "image_url", "image_url": '
+                             '{"url": "data:image/png;base64,..."}}')  # fmt: skip
+        if image.get("detail", "auto") not in _IMAGE_DETAIL:
+            raise ValueError(f"content[{index}]: image_url.detail must be 'auto', 'low' or 'high'")
+        return {"type": "image_url", "image_url": {"url": image["url"]}}
+    if kind in _OTHER_MEDIA_PARTS:
+        raise ValueError(f"content parts of type '{kind}' are not supported: send text, or images as "
+                         '{"type": "image_url", "image_url": {"url": ...}}')  # fmt: skip
+    raise ValueError('content parts must look like {"type": "text", "text": "..."}')
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | None = Field(None, validate_default=True)
-    """A string, or a list of `{"type": "text", "text": ...}` parts, flattened here (joined with newlines)."""
+    content: str | list[dict[str, Any]] | None = Field(None, validate_default=True)
+    """A string, or a list of parts. Text parts (and refusals) alone are flattened here (joined with newlines); with
+    images (user messages only) the list stays, in order: `{"type": "text", "text"}` and `{"type": "image_url",
+    "image_url": {"url"}}` parts."""
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     """Passed through to the chat template (earlier turns of a conversation that used tools elsewhere)."""
@@ -225,24 +254,25 @@ class ChatMessage(BaseModel):
             return value
         if not isinstance(value, list):
             raise ValueError("message content must be a string or a list of content parts")
-        texts = []
-        for part in value:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                texts.append(part["refusal"])
-            elif kind in _IMAGE_PARTS:
-                raise ValueError("image content is not supported: this server runs a text-only model")
-            elif kind in _OTHER_MEDIA_PARTS:
-                raise ValueError(f"content parts of type '{kind}' are not supported: send text")
-            else:
-                raise ValueError('content parts must look like {"type": "text", "text": "..."}')
-        return "\n".join(texts)
+        parts = [_content_part(part, i, role=info.data.get("role")) for i, part in enumerate(value)]
+        if any(part["type"] == "image_url" for part in parts):
+            return parts
+        return "\n".join(part["text"] for part in parts)
 
     def template_dict(self) -> dict[str, Any]:
-        """What the chat template sees: the message with unset fields left out."""
-        return self.model_dump(exclude_none=True, exclude={"annotations"})
+        """What the chat template sees: the message with unset fields left out, and each image as `{"type":
+        "image"}` (Gemma 3's template writes its `<start_of_image>` for one; `chat_template` flattens it to a
+        marker for templates that take a string)."""
+        out = self.model_dump(exclude_none=True, exclude={"annotations"})
+        if isinstance(self.content, list):
+            out["content"] = [{"type": "image"} if p["type"] == "image_url" else p for p in self.content]
+        return out
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(index in `content`, URL) of each image part."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, p["image_url"]["url"]) for i, p in enumerate(self.content) if p["type"] == "image_url"]
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -344,6 +374,11 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` wins over the deprecated `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens
+
+    def image_refs(self) -> list[ImageRef]:
+        """The images of all messages, in prompt order."""
+        return [ImageRef(url, f"messages[{m}].content[{i}]")
+                for m, message in enumerate(self.messages) for i, url in message.image_urls()]  # fmt: skip
 
 
 Prompt = str | list[int]

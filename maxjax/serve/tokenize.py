@@ -7,7 +7,8 @@ generation routes use, so a client can count and budget tokens before it asks.
   chat takes them): the chat template rendered with chat.py's own tool plan and `chat_prompt`, so with
   `add_generation_prompt` (default true) the count is exactly the `usage.prompt_tokens` that
   `/v1/chat/completions` reports for the same body. `add_special_tokens` (default false: the template writes
-  them) encodes the rendered text with the post-processor's tokens too.
+  them) encodes the rendered text with the post-processor's tokens too. Images count as the placeholder tokens
+  they take (they are not read: only their number matters); `add_special_tokens` is refused with them.
 - Either answers `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` null unless
   `return_token_strs`).
 - `/detokenize`: `{"tokens": [...]}` to `{"prompt": text}`, special tokens written out (so a rendered chat
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from maxjax.serve.chat import chat_prompt, tool_plan
 from maxjax.serve.choices import check_model
 from maxjax.serve.errors import ApiError, validation_error
-from maxjax.serve.protocol import Engine
+from maxjax.serve.protocol import Engine, VisionInfo
 from maxjax.serve.schemas import ChatCompletionRequest, ChatMessage, parse_request
 from maxjax.serve.text import TextTokenizer
 from maxjax.serve.tool_use import ChatFeatures
@@ -72,12 +73,17 @@ def _parse(model: type[_Request], body: dict[str, Any]) -> Any:
         raise validation_error(exc) from None
 
 
-def tokenize_chat(tokenizer: TextTokenizer, request: TokenizeChat, features: ChatFeatures) -> list[int]:
+def tokenize_chat(tokenizer: TextTokenizer, request: TokenizeChat, features: ChatFeatures,
+                  vision: VisionInfo | None = None) -> list[int]:
     """The chat prompt's ids: chat.py's rendering (tool plan, template, encoding) unless asked otherwise."""
     chat = request.chat_request(tokenizer.vocab_size)
+    if request.add_special_tokens and chat.image_refs():
+        raise ApiError("add_special_tokens cannot be used with images: the template writes the special tokens.",
+                       param="add_special_tokens")  # fmt: skip
     plan = tool_plan(tokenizer, chat, features)
     # Exactly what /v1/chat/completions counts, with the generation prompt.
-    text, ids = chat_prompt(tokenizer, chat, plan, add_generation_prompt=request.add_generation_prompt)
+    text, ids = chat_prompt(tokenizer, chat, plan, add_generation_prompt=request.add_generation_prompt,
+                            vision=vision)  # fmt: skip
     return tokenizer.encode(text, add_special_tokens=True) if request.add_special_tokens else ids
 
 
@@ -90,7 +96,7 @@ async def tokenize(body: dict[str, Any], *, engine: Engine, tokenizer: TextToken
     if "messages" in body:
         chat: TokenizeChat = _parse(TokenizeChat, body)
         check_model(chat.model, model)
-        ids = await asyncio.to_thread(tokenize_chat, tokenizer, chat, features)
+        ids = await asyncio.to_thread(tokenize_chat, tokenizer, chat, features, engine.vision)
         with_strs = chat.return_token_strs
     else:
         text: TokenizePrompt = _parse(TokenizePrompt, body)
