@@ -88,6 +88,8 @@ def test_max_list_json_names_every_architecture() -> None:
         assert "float32" in entry["supported_encodings"]
         assert entry["in_blocks_encodings"] == ["q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]  # on every one
     assert entries["Qwen3ForCausalLM"]["gguf_architectures"] == ["qwen3"]
+    takes_images = {name for name, entry in entries.items() if entry["takes_images"]}
+    assert takes_images == {"Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"}  # the latter: GGUF + mmproj
 
 
 def test_max_list_table_with_a_custom_architecture() -> None:
@@ -98,6 +100,7 @@ def test_max_list_table_with_a_custom_architecture() -> None:
     assert lines[0].split()[:2] == ["ARCHITECTURE", "ENCODINGS"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert "q4_k*" in rows["LlamaForCausalLM"] and "q5_0*" not in rows["LlamaForCausalLM"]
+    assert "(+images)" in rows["Gemma3ForConditionalGeneration"] and "(+images)" not in rows["LlamaForCausalLM"]
     assert footnote.startswith("* multiplied in their blocks")
     assert set(rows) == BUILTINS | {"MyLlamaForCausalLM"}
     assert "example/my-llama" in rows["MyLlamaForCausalLM"]

@@ -72,6 +72,17 @@ def test_an_image_in_chat_gets_an_answer(served: tuple[RealServer, Path]) -> Non
     assert reply.usage is not None and reply.usage.prompt_tokens > 4 + 4  # the image's block: 4 soft tokens and more
 
 
+def test_an_input_image_in_the_responses_api_gets_an_answer(served: tuple[RealServer, Path]) -> None:
+    server, _ = served
+    response = server.client().responses.create(model=MODEL, max_output_tokens=6, temperature=0, input=[{
+        "role": "user", "content": [{"type": "input_text", "text": "What is in it?"},
+                                    {"type": "input_image", "image_url": data_url(picture(1)), "detail": "auto"}],
+    }])
+    assert response.status in ("completed", "incomplete")
+    assert isinstance(response.output_text, str)
+    assert response.usage is not None and response.usage.input_tokens > 8
+
+
 def test_plain_streams_beside_images_keep_their_greedy_text(served: tuple[RealServer, Path]) -> None:
     server, roots = served
     plain = [ask(text=t)[0:1] for t in ("Tell me a story.", "Count to ten.", "Good day")]
