@@ -138,10 +138,11 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def write_gguf(
     path: Path, arch: str, config: dict[str, Any], weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType,
-    *, name: str = "tiny", q6_k: tuple[str, ...] = (),
+    *, name: str = "tiny", q6_k: tuple[str, ...] = (), tokenizer: dict[str, Any] | None = None,
 ) -> str:
     """Write `weights` (float32, HF names of a text model) as llama.cpp's `arch`; returns the file's SHA-256.
-    Tensors whose names end with one of `q6_k` are stored as Q6_K (as a Q4_K_M file stores some)."""
+    Tensors whose names end with one of `q6_k` are stored as Q6_K (as a Q4_K_M file stores some). `tokenizer`:
+    `TOKENIZER_METADATA`'s keys with other values (default: it)."""
     cfg = text_config(config)
     n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_heads
@@ -178,7 +179,7 @@ def write_gguf(
     if cfg.get("head_dim") is not None and arch in ("qwen3", "gemma3", "llama"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    meta = TOKENIZER_METADATA
+    meta = TOKENIZER_METADATA if tokenizer is None else tokenizer
     writer.add_tokenizer_model(meta["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
     writer.add_token_list(meta["tokenizer.ggml.tokens"])

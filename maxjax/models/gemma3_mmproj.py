@@ -24,7 +24,9 @@ back onto `gemma3_vision`'s Hugging Face names:
 
 Three things an mmproj file does not say: the text model's image placeholder, start-of-image and end-of-image
 tokens. `open_checkpoint` asks the GGUF model's tokenizer for `<image_soft_token>`, `<start_of_image>` and
-`<end_of_image>` (`image_token_ids` looks in its vocabulary list); those it does not name take Gemma 3's ids.
+`<end_of_image>` (`image_token_ids` looks in its vocabulary list); those it does not name take Gemma 3's ids, and
+where those are past the end of its vocabulary, the model is not one that takes images (a UserError). llama.cpp
+writes no metadata for them: its own runtime spells the markers as text and hands the soft tokens over directly.
 
 `open_checkpoint` is what the pipeline calls (through `gemma3_vision.open_vision`); `load_mmproj` builds the
 model at once; `read_mmproj` reads the header only.
@@ -216,9 +218,16 @@ def load_mmproj(path: Path, token_ids: Mapping[str, int] | None = None,
 def open_checkpoint(path: Path, tokenizer: Any) -> VisionCheckpoint:
     """Llama.cpp's mmproj file as the pipeline's `VisionCheckpoint` (`gemma3_vision.open_vision`): its header
     checked and read, its tensors read when the model is built. `tokenizer` (the GGUF model's `Tokenizer`, or
-    None) names the image placeholder tokens; Gemma 3's ids where it does not. UserError as `load_mmproj`."""
+    None) names the image placeholder tokens; Gemma 3's ids where it does not (a UserError where its vocabulary is
+    too small for them). UserError as `load_mmproj`."""
     backend = getattr(tokenizer, "backend", None)
     token_ids = {} if backend is None else {
         field: i for field, token in _TOKEN_NAMES.items() if (i := backend.token_to_id(token)) is not None}
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    outside = [f"{_TOKEN_NAMES[field]} (Gemma 3's id {i})" for field, i in _DEFAULT_TOKEN_IDS.items()
+               if field not in token_ids and vocab_size is not None and i >= vocab_size]
+    if outside:
+        raise UserError(f"{path}: the model's vocabulary ({vocab_size} tokens) has no {', '.join(outside)}, so "
+                        "it takes no images: pass the mmproj file of a Gemma 3 that does (e.g. 4B) with its model")
     file, cfg, processing = _open(Path(path), token_ids)
     return VisionCheckpoint(cfg, processing, _getter(file, cfg))
