@@ -35,7 +35,7 @@ browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: $(TEST_INSTALLED) fetch lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: fetch
 	$(BIN)/python scripts/bench_decode.py

@@ -192,6 +192,11 @@ main.add_command(benchmark)
               help="embed: also serve /v1/embeddings [default: embed for checkpoints that declare a pooling].")
 @click.option("--web-ui/--no-web-ui", default=True, show_default=True,
               help="Serve a chat page at / (no API key needed to load it; it asks for the key on 401).")
+@click.option("--coordinator", "--coordinator-address", default=None, metavar="HOST:PORT",
+              help="Run one program over several processes (hosts): process 0's address for jax.distributed; process "
+                   "0 serves HTTP, the others follow its steps. Needs --num-processes and --process-id.")
+@click.option("--num-processes", default=None, type=click.IntRange(min=2), help="Processes of one program (--coordinator).")
+@click.option("--process-id", default=None, type=click.IntRange(min=0), help="This process's index (0: the leader).")
 @click.option("--allowed-image-roots", multiple=True, metavar="DIR",
               type=click.Path(exists=True, file_okay=False, resolve_path=True, path_type=Path),
               help="A directory whose files requests may name as images (file:// URLs, absolute paths); "
@@ -203,13 +208,17 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
           prefill_chunk_size: int, overlap_scheduler: bool, max_images_per_request: int,
           compile_cache_dir: Path | None, no_compile_cache: bool, max_queue_size: int,
           chat_template: str | None, api_key: str | None, shutdown_timeout: float, tool_call_parser: str | None,
-          reasoning_parser: str | None, task: str | None, web_ui: bool,
-          allowed_image_roots: tuple[Path, ...]) -> None:
+          reasoning_parser: str | None, task: str | None, web_ui: bool, coordinator: str | None,
+          num_processes: int | None, process_id: int | None, allowed_image_roots: tuple[Path, ...]) -> None:
     """Serve a model behind an OpenAI-compatible API."""
-    from maxjax.config import ImageLimits, PipelineConfig, ServerConfig
+    from maxjax.config import DistributedConfig, ImageLimits, PipelineConfig, ServerConfig
     from maxjax.serve.launch import run_server
 
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise click.UsageError("--coordinator, --num-processes and --process-id go together")
     try:
+        distributed = DistributedConfig(coordinator, num_processes, process_id) if coordinator else None  # type: ignore[arg-type]
         config = PipelineConfig(
             **_engine_configs(max_batch_size, max_length, device_memory_utilization, kv_cache_page_size,
                               kv_cache_pages, prefill_chunk_size, overlap_scheduler, max_images_per_request,
@@ -218,6 +227,7 @@ def serve(model: str | None, revision: str | None, quantization_encoding: str | 
                                 max_queue_size=max_queue_size, shutdown_timeout=shutdown_timeout,
                                 tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
                                 task=task, web_ui=web_ui, images=ImageLimits(allowed_roots=allowed_image_roots)),
+            distributed=distributed,
         )
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -138,6 +138,37 @@ class CompileCacheConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """`--coordinator`, `--num-processes` and `--process-id` (as `jax.distributed.initialize` spells them): one
+    program over several processes (`serve/distributed.py`)."""
+
+    coordinator: str
+    """HOST:PORT of process 0, where JAX's coordination service listens; the leader's step channel is on PORT + 1."""
+    num_processes: int
+    process_id: int
+
+    def __post_init__(self) -> None:
+        host, _, port = self.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"coordinator {self.coordinator!r} must be HOST:PORT")
+        if self.num_processes < 2:
+            raise ValueError(f"num_processes {self.num_processes} must be at least 2 (one process needs none of this)")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id {self.process_id} must be 0 to {self.num_processes - 1}")
+
+    @property
+    def leader(self) -> bool:
+        """Process 0: serves HTTP and schedules; the others follow its steps."""
+        return self.process_id == 0
+
+    @property
+    def channel(self) -> tuple[str, int]:
+        """Where the leader sends its steps: the coordinator's host, its port + 1."""
+        host, _, port = self.coordinator.rpartition(":")
+        return host, int(port) + 1
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Everything `max serve` / `max generate` need, built once from the command line."""
 
@@ -145,3 +176,5 @@ class PipelineConfig:
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     compile_cache: CompileCacheConfig = field(default_factory=CompileCacheConfig)
+    distributed: DistributedConfig | None = None
+    """Several processes, one program; None: this process alone."""

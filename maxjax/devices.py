@@ -29,6 +29,15 @@ class DeviceSpec:
             raise UserError(f"--devices {spec}: device ids must be integers, as in gpu:0,1") from None
         return cls(platform, parsed)
 
+    def select_all(self) -> list:
+        """Every device of the platform, on every process (several processes, one program: `--coordinator`)."""
+        import jax
+
+        if self.ids:
+            raise UserError("--devices with ids and --coordinator: every process's devices join the mesh; name only "
+                            "the kind (--devices gpu)")
+        return jax.devices(self.platform) if self.platform else jax.devices()
+
     def select(self) -> list:
         """The JAX devices named; a clear error when the platform or an id is not there."""
         import jax

@@ -359,6 +359,13 @@ class ModelRunner:
         self._loaders: list[threading.Thread] = []
         self._ran: set[tuple[int, int, int]] = set()
         """Step shapes whose executable has run at least once (see `first_run`)."""
+        self.mirror: Callable[[str, tuple[Any, ...]], None] | None = None
+        """On the leader of several processes: sends each call that launches a program (`step`, `encode_images`,
+        `score`) to the followers before it is made, so every process runs the same programs in the same order
+        (`serve/distributed.py`)."""
+        self.following = False
+        """A follower: `score` reads the hidden states of its own last step (the leader sends None for them)."""
+        self._last_hidden: jax.Array | None = None
 
     @property
     def lazy_pool(self) -> bool:
@@ -455,6 +462,7 @@ class ModelRunner:
         spec, grid = self.cache_spec, self.grid
         material: dict[str, Any] = {
             **self._fingerprint, "mesh": meshes.describe(self.mesh),
+            **({"process": [jax.process_index(), jax.process_count()]} if jax.process_count() > 1 else {}),
             "cache": [spec.num_layers, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim,
                       jnp.dtype(spec.dtype).name],
             "grid": [grid.max_batch_size, grid.prefill_chunk, grid.max_pages, grid.page_size],
@@ -485,18 +493,29 @@ class ModelRunner:
     def step(self, inputs: StepInputs) -> tuple[SampleOutput, jax.Array]:
         """Run one bucketed step: (sampled tokens, hidden states [B, T, D]), left on the device (dispatch is
         asynchronous). The host arrays in `inputs` may be read after this returns: never write them again."""
+        if self.mirror is not None:
+            self.mirror("step", (inputs,))
         shape = (inputs.tokens.shape[0], inputs.tokens.shape[1], inputs.page_table.shape[1])
         executable = self._executables.get(("step", shape)) or self._executable(("step", shape))
         self.cache, self._last_tokens, out, hidden = executable(self._params, self.cache, self._last_tokens, inputs,
                                                                 self._images)
         self._ran.add(shape)
+        if self.following:
+            self._last_hidden = hidden
         return out, hidden
+
+    def fetch(self, tree: Any) -> Any:
+        """Host copies of the arrays of `tree` (step results, replicated): on several processes, each array's shard
+        on this process, since the whole array is not addressable from one."""
+        return jax.device_get(jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree))
 
     def encode_images(self, pixels: Sequence[np.ndarray], slots: Sequence[int]) -> None:
         """Run the vision encoder on `pixels` (each [C, H, W]) and write their soft tokens to the image table at
         `slots`, in buckets of images (padding images go to the scratch slot). Dispatched, not waited for: the
         prefill step that reads them runs after it."""
         assert self._images is not None, "this model takes no images"
+        if self.mirror is not None:
+            self.mirror("encode_images", (list(pixels), list(slots)))
         for at in range(0, len(pixels), self.image_buckets[-1]):
             part = pixels[at : at + self.image_buckets[-1]]
             n = next(b for b in self.image_buckets if b >= len(part))
@@ -522,8 +541,13 @@ class ModelRunner:
         inputs = inputs._replace(past_len=np.ones(rows, np.int32))
         jax.block_until_ready(self.step(inputs))
 
-    def score(self, hidden: jax.Array, targets: np.ndarray) -> PromptScores:
+    def score(self, hidden: jax.Array | None, targets: np.ndarray) -> PromptScores:
         """Prompt logprobs for one prefill chunk (`echo` with `logprobs`); compiled per chunk bucket."""
+        if self.mirror is not None:
+            self.mirror("score", (None, targets))
+        if hidden is None:  # a follower: its own last step's
+            hidden = self._last_hidden
+        assert hidden is not None, "score follows a step"
         width = hidden.shape[1]
         executable = self._executables.get(("score", width)) or self._executable(("score", width))
         return executable(self._params, hidden, targets)

@@ -310,7 +310,7 @@ class EngineCore:
         launched, self._in_flight = self._in_flight, None
         assert launched is not None
         waited = time.perf_counter()
-        prefill, scores, decode, hidden = jax.device_get(
+        prefill, scores, decode, hidden = self.runner.fetch(
             (launched.prefill, launched.scores, launched.decode, launched.hidden))
         waited = time.perf_counter() - waited
         plan = launched.plan

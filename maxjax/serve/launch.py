@@ -42,10 +42,26 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
     template = _read_template(chat_template) if chat_template else None
     registry = registry_with(custom_architectures)  # a bad module fails here, before the port is bound
     _check_architecture(model, registry)
+    dist = config.distributed
+    if dist is not None and not dist.leader:  # a follower serves no HTTP: it runs the leader's steps
+        from maxjax.hub import resolve_model
+        from maxjax.pipeline import open_checkpoint
+        from maxjax.serve.distributed import follow, initialize
+
+        initialize(dist, device_spec.platform)
+        checkpoint = open_checkpoint(
+            resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry,
+            mmproj=mmproj,
+        )
+        core, _ = build_engine(checkpoint, device_spec.select_all(), config)
+        core.runner.load_cached(threads=os.cpu_count() or 1, wait=True)
+        follow(dist, core.runner, _plan(core))
+        return
     state = ServingState(model_name=config.server.served_model_name or model or "SmolLM2-135M-Instruct",
                          model_root=model)
 
     started = time.perf_counter()
+    closing: list[Callable[[], None]] = []
 
     def load(state: ServingState) -> None:
         parts = _Parts(started)
@@ -55,7 +71,11 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         from maxjax.pipeline import open_checkpoint
         from maxjax.serve.async_engine import AsyncEngine
 
-        devices = device_spec.select()
+        if dist is not None:
+            from maxjax.serve.distributed import initialize
+
+            initialize(dist, device_spec.platform)
+        devices = device_spec.select() if dist is None else device_spec.select_all()
         parts.done("start-up and imports")
         checkpoint = open_checkpoint(
             resolve_model(model, revision=revision, quantization_encoding=quantization_encoding), registry,
@@ -65,6 +85,13 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
             checkpoint.tokenizer.set_chat_template(template)
         core, report = build_engine(checkpoint, devices, config, max_queue=config.server.max_queue_size,
                                     parts=parts)
+        if dist is not None:  # from here on, every program this process launches its followers launch too
+            from maxjax.serve.distributed import Leader
+
+            leader = Leader(dist, _plan(core))
+            core.runner.mirror = leader
+            closing.append(leader.close)
+            parts.done(f"{dist.num_processes - 1} followers connected")
         # Ready means ready: the decode steps, which every request runs, deserialized now (on every core) and
         # given their first runs; the other executables go on loading at the lowest priority, so they cost the
         # first requests nothing (a step that needs one before it is loaded loads it itself, once). The KV pool
@@ -86,6 +113,15 @@ def run_server(config: PipelineConfig, *, model: str | None, revision: str | Non
         log.info("ready %.1f s after start: %s", time.perf_counter() - started, parts)
 
     serve(config.server, load, state=state)
+    for close in closing:
+        close()
+
+
+def _plan(core: EngineCore) -> dict[str, Any]:
+    """What every process of one program must agree on: the pool, the grid, the mesh."""
+    spec, grid = core.runner.cache_spec, core.grid
+    return {"pages": spec.num_pages, "page_size": spec.page_size, "grid": [grid.max_batch_size, grid.prefill_chunk,
+            grid.max_pages], "devices": core.runner.mesh.size, "image_slots": core.runner.image_slots}
 
 
 def _decode_step(entry: tuple[str, Any]) -> bool:
