@@ -55,7 +55,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RealServe
     roots = tmp_path_factory.mktemp("images")
     (roots / "one.png").write_bytes(png(picture(1)))
     log = tmp_path_factory.mktemp("vision-serve") / "server.log"
-    args = ["--model", str(FOLDER), "--max-batch-size", "4", "--max-length", "128", "--prefill-chunk-size", "32",
+    args = ["--model", str(FOLDER), "--max-batch-size", "2", "--max-length", "96", "--prefill-chunk-size", "32",
             "--kv-cache-pages", "64", "--api-key", API_KEY, "--served-model-name", MODEL,
             "--max-images-per-request", "2", "--allowed-image-roots", str(roots),
             "--compile-cache-dir", str(tmp_path_factory.mktemp("compile-cache"))]
