@@ -12,7 +12,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from click.testing import CliRunner
 
+from maxjax.cli import main
 from maxjax.config import DistributedConfig
 from maxjax.generate import generate
 from maxjax.serve.protocol import SamplingParams
@@ -62,6 +64,11 @@ def test_two_processes_serve_one_request_end_to_end(tmp_path: Path) -> None:
     assert text == want.text
     for log in (leader, follows):
         assert "0 compiled, 4 found in the compile cache" in log, log[-3000:]
+
+
+def test_the_three_flags_go_together() -> None:
+    result = CliRunner().invoke(main, ["serve", "--coordinator", "127.0.0.1:1234", "--process-id", "0"])
+    assert result.exit_code == 2 and "go together" in result.output
 
 
 @pytest.mark.parametrize(("value", "words"), [
