@@ -1,7 +1,8 @@
 """Images in requests (serve/images.py): reading a reference (data URLs of each format, files under the allowed
 roots, never a remote URL), the limits and the 400s that name them, the digest, the prompt ids of a chat with
 images against sequences built by hand with the tiny multimodal checkpoint's tokenizer, and the server end to end
-with the fake engine (every bad image a 400 naming the problem, and the server still serving)."""
+with the fake engine (every bad image a 400 naming the problem, and the server still serving). (Past 400 lines: one
+concern, the HTTP side of images, from the bytes to the prompt ids.)"""
 
 from __future__ import annotations
 

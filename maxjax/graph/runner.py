@@ -1,6 +1,6 @@
-"""The device side of a step: one pure jitted core, `(params, kv pages, last tokens, batch arrays) -> (kv pages,
-last tokens, sampled tokens and logprobs, hidden states)`, compiled once per bucket of the grid, and a thin
-`ModelRunner` around it.
+"""The device side of a step: the pure programs of `graph/programs.py` (the step, `(params, kv pages, last tokens,
+batch arrays) -> (kv pages, last tokens, sampled tokens and logprobs, hidden states)`; the vision encoder; the
+prompt scores), compiled once per bucket of the grid, and a thin `ModelRunner` around them.
 
 The runner never names a model: it sees a Flax NNX module with the call signature of
 `LlamaForCausalLM.__call__` and splits it once (`nnx.split`); the state's leaves, as a flat list, are what the
@@ -14,8 +14,9 @@ replicated. The step and score graphs are jitted with those as their input and o
 program for all the devices, which XLA partitions (the CPU kernels, which it cannot, run per shard:
 `Backend.shards`).
 
-(A few lines past the package's usual 400: the graph kinds, the cache key and the executables they share are
-one mechanism, kept in one file.)
+(Past the package's usual 400 lines: the graph kinds, the cache key, the executables they share and the
+device-side state the programs take (the KV pool, the last tokens, the image table) are one mechanism, kept in
+one file.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +37,17 @@ import numpy as np
 from flax import nnx
 
 from maxjax import kernels
-from maxjax.graph import batch
+from maxjax.graph import batch, programs
 from maxjax.graph import mesh as meshes
 from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.compile_cache import ExecutableStore, PendingLoads, compile_for_store
+from maxjax.graph.programs import PromptScores
 from maxjax.graph.sampling import (
-    LOGPROB_FLOOR,
-    TOP_LOGPROBS,
     SampleOutput,
-    adjust_logits,
-    sample,
 )
 from maxjax.models.backend import Backend, Shards, backend_for
-from maxjax.models.layers import KV_AXES, KVCache, use_backend, write_kv
+from maxjax.models.layers import KV_AXES, KVCache, use_backend
 
 log = logging.getLogger(__name__)
 
@@ -97,75 +95,6 @@ class CacheSpec:
         return jax.jit(per_shard, out_shardings=shardings)()
 
 
-def _step(
-    graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], cache: KVCache, last_tokens: jax.Array,
-    inputs: StepInputs, images: jax.Array | None = None,
-) -> tuple[KVCache, jax.Array, SampleOutput, jax.Array]:
-    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    # A fed row's token is the one the device sampled for its batch row in an earlier step: the host dispatches
-    # a decode step without waiting for the previous step's tokens.
-    tokens = jnp.where(inputs.feed[:, None], last_tokens[inputs.batch_row][:, None], inputs.tokens)
-    if images is not None and tokens.shape[1] > 1:  # a prefill step of a model that takes images
-        hidden, new_k, new_v = _forward_with_images(model, tokens, images, cache, inputs)
-    else:
-        hidden, new_k, new_v = model.forward(tokens, cache, inputs.page_table, inputs.past_len)
-    raw = model.logits(jnp.take_along_axis(hidden, inputs.logit_index[:, :, None], axis=1)[:, -1])
-    # The last layer's reads of the pool feed only the logits. Unless the write visibly depends on them, XLA
-    # cannot prove that every read comes before it and copies the whole donated pool (twice) every step.
-    # An optimization barrier does not count as a dependency there; arithmetic does (nothing exceeds +inf,
-    # so this adds exactly 0).
-    after_reads = (raw[0, 0] > jnp.inf).astype(new_k.dtype)
-    cache = write_kv(cache, new_k + after_reads, new_v + after_reads, inputs.slots)
-    out = sample(adjust_logits(raw, inputs.adjust), inputs.sampling, raw)
-    return cache, last_tokens.at[inputs.batch_row].set(out.tokens), out, hidden
-
-
-def _forward_with_images(model: Any, tokens: jax.Array, images: jax.Array, cache: KVCache,
-                         inputs: StepInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The forward pass of a prefill step whose tokens may name image soft tokens: id V + s * M + j (V the
-    vocabulary) is soft token j of the image in slot s of the image table [S, M, D] (`ModelRunner.encode_images`
-    wrote it). Those positions take the soft token as their embedding, and the tokens of one image attend to
-    each other both ways (`image_block`); every other position is the text model's own."""
-    vocab = model.embed.vocab_size
-    slots, m, d = images.shape
-    is_image = tokens >= vocab
-    index = jnp.clip(tokens - vocab, 0, slots * m - 1)
-    text = model.embed_input(jnp.where(is_image, 0, tokens))
-    embeds = jnp.where(is_image[..., None], images.reshape(-1, d)[index].astype(text.dtype), text)
-    block = jnp.where(is_image, index // m + 1, 0)
-    return model.forward(None, cache, inputs.page_table, inputs.past_len, embeds=embeds, image_block=block)
-
-
-def _encode(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], images: jax.Array, pixels: jax.Array,
-            slots: jax.Array) -> jax.Array:
-    """The image table with the soft tokens of `pixels` [N, C, H, W] written at `slots` [N]."""
-    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    return images.at[slots].set(model.vision(pixels).astype(images.dtype))
-
-
-def _score(graphdef: nnx.GraphDef, treedef: Any, params: list[jax.Array], hidden: jax.Array,
-           targets: jax.Array) -> PromptScores:
-    """Logprobs of `targets` [1, T] (each position's next prompt token) from a prefill's hidden states."""
-    model: Any = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    logits = model.logits(hidden)  # [1, T, V]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-    top, top_ids = jax.lax.top_k(logits, TOP_LOGPROBS)
-    return PromptScores(
-        logprobs=jnp.maximum(chosen, LOGPROB_FLOOR),
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=jnp.maximum(top - log_z[..., None], LOGPROB_FLOOR),
-    )
-
-
-class PromptScores(NamedTuple):
-    logprobs: jax.Array
-    """[1, T]"""
-    top_ids: jax.Array
-    """[1, T, TOP_LOGPROBS]"""
-    top_logprobs: jax.Array
-
-
 StepShape = tuple[int, int, int]
 """(rows, new tokens per row, page-table width): one bucket of the grid."""
 
@@ -195,7 +124,7 @@ Entry = tuple[str, Any]
 
 @dataclass(frozen=True)
 class _StepGraph:
-    """The step (`_step`), one per bucket of the grid."""
+    """The step (`programs.step`), one per bucket of the grid."""
 
     runner: ModelRunner
     name: str = "step"
@@ -217,7 +146,7 @@ class _StepGraph:
 
 @dataclass(frozen=True)
 class _ScoreGraph:
-    """Prompt logprobs from a prefill's hidden states (`_score`), one per prefill chunk width."""
+    """Prompt logprobs from a prefill's hidden states (`programs.score`), one per prefill chunk width."""
 
     runner: ModelRunner
     name: str = "score"
@@ -239,7 +168,7 @@ class _ScoreGraph:
 
 @dataclass(frozen=True)
 class _VisionGraph:
-    """The vision encoder writing the image table (`_encode`), one per bucket of images (a model that takes
+    """The vision encoder writing the image table (`programs.encode`), one per bucket of images (a model that takes
     images only)."""
 
     runner: ModelRunner
@@ -321,7 +250,7 @@ class ModelRunner:
         # Explicit shardings in and out (the batch and the results replicated): the graphs are partitioned for
         # the mesh they will run on, and the pool keeps its sharding from step to step.
         rep = meshes.replicated(self.mesh)
-        self._jitted = jax.jit(_step, static_argnums=(0, 1), donate_argnums=(3, 4),
+        self._jitted = jax.jit(programs.step, static_argnums=(0, 1), donate_argnums=(3, 4),
                                in_shardings=(self._param_shardings, cache_shardings, rep, rep, rep),
                                out_shardings=(cache_shardings, rep, rep, rep))
         # A model that takes images (`model.vision`) keeps an image table on the device, [slots + 1, M, D] (the
@@ -340,13 +269,13 @@ class ModelRunner:
             table = (self.image_slots + 1, vc.mm_tokens_per_image, self.hidden_size)
             self._images_aval = jax.ShapeDtypeStruct(table, cache_spec.dtype, sharding=rep)
             self._images = jax.device_put(np.zeros(table, np.dtype(cache_spec.dtype)), rep)
-            self._encode = jax.jit(_encode, static_argnums=(0, 1), donate_argnums=(3,),
+            self._encode = jax.jit(programs.encode, static_argnums=(0, 1), donate_argnums=(3,),
                                    in_shardings=(self._param_shardings, rep, rep, rep), out_shardings=rep)
         # The token each batch row sampled last (row 0: the scratch row padding rows write), kept on the device
         # from step to step: decode rows read their next token here (`StepInputs.feed`).
         self._last_tokens_aval = jax.ShapeDtypeStruct((grid.max_batch_size + 1,), jnp.int32, sharding=rep)
         self._last_tokens = jax.device_put(np.zeros(grid.max_batch_size + 1, np.int32), rep)
-        self._score = jax.jit(_score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
+        self._score = jax.jit(programs.score, static_argnums=(0, 1), in_shardings=(self._param_shardings, rep, rep),
                               out_shardings=rep)
         self._graphs: dict[str, GraphKind] = {g.name: g for g in (_StepGraph(self), _ScoreGraph(self),
                                                                   _VisionGraph(self))}

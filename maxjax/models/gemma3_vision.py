@@ -16,6 +16,8 @@ embedding lookup, before the merge, so the image features themselves are never s
 normalize (preprocessor_config.json). The merged embeddings go to `Gemma3ForCausalLM.forward(embeds=...)`, with
 `image_block` for the text model's mask, under which the tokens of one image attend to each other both ways
 (transformers' `token_type_ids`; `AttentionBatch.image_block`).
+
+(Past 400 lines: the tower, its weights, its files and its input processing are read together.)
 """
 
 from __future__ import annotations

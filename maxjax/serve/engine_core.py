@@ -5,7 +5,7 @@ batches (one prefill chunk, one decode batch), dispatches them on the device thr
 appends the previous step's sampled tokens to their requests, reporting what each request got and whether it
 finished. `max generate` drives it directly; the server's engine thread (`serve/async_engine.py`) drives it in a
 loop. A request's values become step inputs in `serve/admission.py`. Embedding requests ride the prefill steps
-and are pooled in `_collect`. (Slightly past 400 lines: plan, launch and collect share the batch they build.)
+and are pooled in `_collect`. (Past 400 lines: plan, launch and collect share the batch they build, images' slots included.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from maxjax.graph.batch import StepInputs
 from maxjax.graph.buckets import BucketGrid
 from maxjax.graph.memory import plan_pool
 from maxjax.graph.mesh import make_mesh
-from maxjax.graph.runner import CacheSpec, ModelRunner, PromptScores
+from maxjax.graph.programs import PromptScores
+from maxjax.graph.runner import CacheSpec, ModelRunner
 from maxjax.graph.sampling import (
     ADJUST_SLOTS,
     BANNED,

@@ -26,7 +26,10 @@ Each engine iteration asks for one `Plan`: one prefill step and one decode step 
 its prompt cached. The prefill step holds the next prompt chunk of the oldest sequences still reading their
 prompts, as many rows as make it cover the most tokens (requests that arrive together are prefilled together);
 a sequence that needs prompt logprobs is prefilled alone. Chunking the prompt keeps a long prompt from
-stalling the running decodes.
+stalling the running decodes. A chunk never ends inside an image's soft tokens (`Request.chunk`), and a step holds
+at most `images_per_step` images; the prefix cache knows an image's positions by its content (`Request.key_prompt`).
+
+(A few lines past 400: admission, chunking and the prefix cache share the page bookkeeping, kept together.)
 """
 
 from __future__ import annotations
