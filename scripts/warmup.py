@@ -85,7 +85,7 @@ def check(flags: list[str], timeout: float, filled: bool) -> int:
         proc.wait(timeout=30)
     lines = log.read_text().splitlines()
     compiles = [line for line in lines if "Compiling " in line]
-    model_compiles = [line for line in compiles if "jit(_step)" in line or "jit(_score)" in line]
+    model_compiles = [line for line in compiles if any(f"jit({name})" in line for name in ("step", "score", "encode"))]
     ready = next((line.split(": ", 1)[1] for line in lines if "executables ready in" in line), "?")
     print(f"max serve {' '.join(flags)}")
     print(f"  /health 200 after {ready_s:.1f} s (process start to ready); {ready}")
