@@ -114,13 +114,13 @@ def test_plain_rows_beside_an_image_keep_their_greedy_tokens() -> None:
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     plain = [GenerationRequest(f"plain{i}", p, greedy) for i, p in enumerate([(1, 73, 123, 128, 10), (1, 92, 82, 10)])]
     alone = {k: [t for o in v for t in o.token_ids] for k, v in run(shared(), *plain).items()}
-    core = engine(chunk=64)  # prefill steps of up to 4 rows of 16
+    core = engine(chunk=32)  # prefill steps of up to 2 rows of 16
     with_image = GenerationRequest("image", prompt("two"), greedy, images=(image(0), image(1)))
     for request in (plain[0], with_image, plain[1]):
         core.add(request)
     core.step()
     assert core._in_flight is not None
-    assert [s.request_id for s, _ in core._in_flight.chunks] == ["plain0", "image"]  # one prefill step (2 x 32)
+    assert [s.request_id for s, _ in core._in_flight.chunks] == ["plain0", "image"]  # one prefill step (2 x 16)
     outs: dict[str, list[int]] = {}
     while core.has_work:
         for seq, out in core.step():
