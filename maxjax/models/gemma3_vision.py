@@ -269,19 +269,10 @@ def load_params(cfg: VisionConfig, get: Callable[[str], np.ndarray]) -> dict[str
 
 def load_vision_model(folder: Path, dtype: jnp.dtype = jnp.float32) -> Gemma3VisionModel:
     """The vision model of a `Gemma3ForConditionalGeneration` checkpoint folder (config.json, *.safetensors)."""
-    from maxjax.weights.safetensors import SafetensorsWeights
-
-    cfg = VisionConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    weights = SafetensorsWeights(folder)
-    stored = {hf: name for name in weights.names if (hf := vision_name_to_hf(name)) is not None}
-    np_dtype = np.dtype(jnp.dtype(dtype))
-
-    def get(name: str) -> np.ndarray:
-        if name not in stored:
-            raise ValueError(f"{folder}: the checkpoint has no vision tensor {name}; is it complete?")
-        return weights.get(stored[name]).astype(np_dtype, copy=False)
-
-    return build_vision_model(cfg, load_params(cfg, get), dtype)
+    vision = open_vision(folder, json.loads((folder / "config.json").read_text()), None, None)
+    if vision is None:
+        raise ValueError(f"{folder}: the model config has no vision_config")
+    return vision.build(dtype)
 
 
 def build_vision_model(cfg: VisionConfig, params: dict[str, Any], dtype: jnp.dtype = jnp.float32) -> Gemma3VisionModel:
@@ -395,10 +386,8 @@ class VisionCheckpoint:
     def build(self, dtype: jnp.dtype = jnp.float32) -> Gemma3VisionModel:
         """The vision model, its weights cast to `dtype`."""
         np_dtype = np.dtype(jnp.dtype(dtype))
-        params = load_params(self.config, lambda name: self.get(name).astype(np_dtype, copy=False))
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Gemma3VisionModel(self.config, dtype)))
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
+        return build_vision_model(self.config, load_params(self.config, lambda name: self.get(name).astype(
+            np_dtype, copy=False)), dtype)
 
 
 def open_vision(folder: Path | None, hf_config: Mapping[str, Any] | None, mmproj: Path | None,
