@@ -298,10 +298,13 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables for `positions` [B, T]: each [B, T, E] in the rotate-half layout HF uses."""
+    """cos/sin tables for `positions` [B, T]: each [B, T, E] in the rotate-half layout HF uses.
+
+    Computed once a step: the barrier keeps XLA from fusing cos and sin into every layer's rotation, where a
+    loop fusion evaluates them again for each head of each layer (4 of a 77 ms decode step at batch 32 on CPU)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
