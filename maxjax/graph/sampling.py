@@ -82,14 +82,19 @@ def adjust_logits(logits: jax.Array, adj: LogitAdjustments) -> jax.Array:
     tokens; presence and frequency subtract from generated ones), biases and grammar masks to logits [B, V]."""
     b, vocab = logits.shape
     ids = jnp.asarray(adj.ids)
-    vals = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=1)
-    rep = jnp.asarray(adj.repetition)[:, None]
-    vals = jnp.where(adj.seen, jnp.where(vals > 0, vals / rep, vals * rep), vals)
-    count = jnp.asarray(adj.count)
-    vals = vals - jnp.asarray(adj.presence)[:, None] * (count > 0) - jnp.asarray(adj.frequency)[:, None] * count
-    vals = vals + adj.bias
-    logits = logits.at[jnp.arange(b)[:, None], ids].set(vals, mode="drop")
-    # A grammar's mask, unpacked only in steps where a row has one (`lax.cond` runs one branch).
+
+    def edit(logits: jax.Array) -> jax.Array:
+        vals = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=1)
+        rep = jnp.asarray(adj.repetition)[:, None]
+        vals = jnp.where(adj.seen, jnp.where(vals > 0, vals / rep, vals * rep), vals)
+        count = jnp.asarray(adj.count)
+        vals = vals - jnp.asarray(adj.presence)[:, None] * (count > 0) - jnp.asarray(adj.frequency)[:, None] * count
+        vals = vals + adj.bias
+        return logits.at[jnp.arange(b)[:, None], ids].set(vals, mode="drop")
+
+    # The edits, and the grammar's mask, only in steps where a row has some (`lax.cond` runs one branch): the
+    # scatter needs its own copy of the logits (the raw ones stay for logprobs), 0.15 ms of a 7 ms step at batch 1.
+    logits = jax.lax.cond(jnp.any(ids < vocab), edit, lambda x: x, logits)
     allowed = jnp.asarray(adj.allowed)
     return jax.lax.cond(jnp.any(allowed != -1),
                         lambda x: jnp.where(unpack_bitmask(allowed, vocab), x, BANNED), lambda x: x, logits)
