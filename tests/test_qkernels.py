@@ -74,11 +74,11 @@ project = jax.jit(quant.qproject, static_argnums=(2, 3, 4))
 
 def test_repack_layout() -> None:
     """Panel p, block b: the P columns' codes ([rows][P], or [rows / 4][P][4] for int8 activations), then d [P]
-    (and m [P]) as float32; the last panel's missing columns zero."""
+    (and m [P]) as the file's float16 bits; the last panel's missing columns zero."""
     out, in_, panel = 5, 64, 4
     for (kind, k), int8 in itertools.product(quant.KINDS.items(), (False, True)):
         if k.block_weights != quant.BLOCK:
-            continue  # Q4_K's blocks are rewritten as Q4_1's: test_q4_k_is_packed_as_q4_1
+            continue  # rewritten as blocks of 32: test_k_quants_are_packed_exactly
         raw = random_blocks(kind, out, in_, seed=k.ggml_type)
         blocks = raw.reshape(out, 2, k.block_bytes)
         packed = quant.repack(kind, raw, out, in_, panel, int8)
@@ -89,11 +89,12 @@ def test_repack_layout() -> None:
             for b in range(2):
                 grid = packed[o // panel, b, : k.code_rows * panel].reshape(k.code_rows // g, panel, g)
                 codes = grid[:, o % panel, :].reshape(-1)
-                scales = packed[o // panel, b, k.code_rows * panel :].view("<f4").reshape(k.scales, panel)
+                scales = packed[o // panel, b, k.code_rows * panel :].view(k.scale_dtype).reshape(k.scales, panel)
                 if o < out:
                     np.testing.assert_array_equal(codes, blocks[o, b, 2 * k.scales :])
-                    file_scales = blocks[o, b, : 2 * k.scales].view("<f2").astype(np.float32)
-                    np.testing.assert_array_equal(scales[:, o % panel], file_scales)
+                    assert k.scale_dtype == np.dtype("<f2")
+                    file_scales = blocks[o, b, : 2 * k.scales].view("<f2")
+                    np.testing.assert_array_equal(scales[:, o % panel].view(np.uint16), file_scales.view(np.uint16))
                 else:
                     assert not codes.any() and not scales[:, o % panel].any()
 

@@ -11,10 +11,14 @@
 //   codes  [C][P] bytes  Q8_0, Q5_K, Q6_K: C = 32, codes[k][j] = q[p P + j][32 b + k] (int8)
 //                        Q4_*: C = 16, codes[k][j] = GGUF's byte k of the block: low nibble q[.][32 b + k],
 //                              high nibble q[.][32 b + k + 16] (unsigned)
-//   d      [P] float32   the block's scale
-//   m      [P] float32   Q4_1, Q5_K: the block's minimum; Q6_K: the scale of the block's second half
-// so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1, Q5_K), d_half q (Q6_K), as ggml decodes them. A block of a panel is one contiguous
-// run (P = 16: 576 / 320 / 384 bytes), read once per call. As in project.cc, each input position's P codes (NV
+//   d      [P]           the block's scale
+//   m      [P]           Q4_1, Q4_K, Q5_K: the block's minimum; Q6_K: the scale of the block's second half
+// so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1, Q4_K, Q5_K), d_half q (Q6_K), as ggml decodes them. The
+// scales are float16 where the file's are (Q8_0, Q4_0, Q4_1: its own bits, widened in registers with F16C) and
+// float32 where they are products (a K-quant's float16 factor times its 6- or 8-bit scale). A block of a panel is
+// one contiguous run (P = 16: 544 / 288 / 320 bytes for Q8_0 / Q4_0 / Q4_1), read once per call: with float32
+// scales a Q4_1 step read 20% more than the file holds (111.5 MB against 96.5 at batch 1 for SmolLM2), and batch 1
+// is bound by what it reads. As in project.cc, each input position's P codes (NV
 // vectors, widened to float in registers) meet x[r, i] broadcast for MR rows into MR x NV register sums, with no
 // horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i,
 // with each row's sum over each block computed once per call.
@@ -72,17 +76,7 @@ constexpr int64_t kPrefetchBytes = 2048;
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // ggml's type numbers: the `kind` attribute.
-enum Kind : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ5_K = 13, kQ6_K = 14 };
-
-template <int64_t K>
-struct Format {
-  static constexpr bool kNibbles = K == kQ4_0 || K == kQ4_1;  // two 4-bit codes a byte, else one int8 code
-  static constexpr int kCodeRows = kNibbles ? kBlock / 2 : kBlock;  // rows of P code bytes a block
-  static constexpr int kScales = K == kQ4_0 || K == kQ8_0 ? 1 : 2;
-  static constexpr int kHalves = K == kQ6_K ? 2 : 1;  // Q6_K: a scale for each half of the block, no minimum
-  static constexpr bool kMin = K != kQ8_0 && K != kQ6_K;  // a minimum per block (Q4_0's is -8 d)
-  static constexpr int64_t kStride = kPanel * (kCodeRows + kScales * sizeof(float));
-};
+enum Kind : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 template <class V>
 inline V load(const void* p) {
@@ -90,6 +84,48 @@ inline V load(const void* p) {
   std::memcpy(&v, p, sizeof(V));
   return v;
 }
+
+// IEEE half -> float, for builds without a vector conversion.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  if (exponent == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mantissa), -24);
+  const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// kLanes float16 values from memory as floats.
+inline Vec widen_halves(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX__) && defined(__F16C__)
+  return (Vec)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__aarch64__)
+  return (Vec)vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p)));
+#else
+  Vec out;
+  for (int k = 0; k < kLanes; ++k) out[k] = half_to_float(load<uint16_t>(p + 2 * k));
+  return out;
+#endif
+}
+
+template <int64_t K>
+struct Format {
+  static constexpr bool kNibbles = K == kQ4_0 || K == kQ4_1 || K == kQ4_K;  // two 4-bit codes a byte, else int8
+  static constexpr int kCodeRows = kNibbles ? kBlock / 2 : kBlock;  // rows of P code bytes a block
+  static constexpr int kScales = K == kQ4_0 || K == kQ8_0 ? 1 : 2;
+  static constexpr int kHalves = K == kQ6_K ? 2 : 1;  // Q6_K: a scale for each half of the block, no minimum
+  static constexpr bool kMin = K != kQ8_0 && K != kQ6_K;  // a minimum per block (Q4_0's is -8 d)
+  static constexpr bool kHalfScales = K == kQ8_0 || K == kQ4_0 || K == kQ4_1;  // the file's float16 scales
+  static constexpr int kScaleBytes = kHalfScales ? 2 : 4;
+  static constexpr int64_t kStride = kPanel * (kCodeRows + kScales * kScaleBytes);
+  // Columns v * kLanes .. of scale row s (d; then m, or Q6_K's second half) of a block whose scales start at p.
+  static Vec scale(const uint8_t* p, int s, int v) {
+    const uint8_t* at = p + (s * kPanel + v * kLanes) * kScaleBytes;
+    return kHalfScales ? widen_halves(at) : load<Vec>(at);
+  }
+};
 
 // kLanes codes from memory, widened to int32 lanes (GCC scalarizes __builtin_convertvector from bytes, so the
 // vector ISAs get their one-instruction widening).
@@ -194,7 +230,7 @@ void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t 
         }
       }
       for (int v = 0; v < kNV; ++v) {  // the half's scale: d (Q6_K: this half's d)
-        const Vec d = load<Vec>(scales + (h * kPanel + v * kLanes) * sizeof(float));
+        const Vec d = F::scale(scales, h, v);
         for (int r = 0; r < R; ++r) {
           Vec sum = part[0][r][v];
           for (int t = 1; t < S; ++t) sum += part[t][r][v];
@@ -204,8 +240,7 @@ void tile(const float* x, const float* sx, const uint8_t* wp, float* y, int64_t 
     }
     if (F::kMin) {
       for (int v = 0; v < kNV; ++v) {
-        const Vec m = K == kQ4_0 ? load<Vec>(scales + v * sizeof(Vec)) * -8.0f
-                                 : load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+        const Vec m = K == kQ4_0 ? F::scale(scales, 0, v) * -8.0f : F::scale(scales, 1, v);
         for (int r = 0; r < R; ++r) acc[r][v] += m * sx[r * blocks + b];
       }
     }
@@ -235,13 +270,13 @@ void dequantize_panel(const uint8_t* wp, float* out, int64_t blocks) {
     const uint8_t* scales = codes + F::kCodeRows * kPanel;
     float* ob = out + b * kBlock * kPanel;
     for (int v = 0; v < kNV; ++v) {
-      const Vec d = load<Vec>(scales + v * sizeof(Vec));
+      const Vec d = F::scale(scales, 0, v);
       Vec m = Vec{};
-      if (F::kMin && K != kQ4_0) m = load<Vec>(scales + kPanel * sizeof(float) + v * sizeof(Vec));
+      if (F::kMin && K != kQ4_0) m = F::scale(scales, 1, v);
       for (int k = 0; k < F::kCodeRows; ++k) {
         const uint8_t* row = codes + k * kPanel + v * kLanes;
         if (!F::kNibbles) {
-          const Vec dk = K == kQ6_K && k >= kBlock / 2 ? load<Vec>(scales + (kPanel + v * kLanes) * sizeof(float)) : d;
+          const Vec dk = K == kQ6_K && k >= kBlock / 2 ? F::scale(scales, 1, v) : d;
           const Vec w = to_float(widen_s8(row)) * dk + m;
           std::memcpy(ob + k * kPanel + v * kLanes, &w, sizeof(Vec));
         } else {
@@ -279,6 +314,20 @@ void quantize_rows(const float* x, int64_t rows, int64_t n_in, int8_t* xq, float
   }
 }
 
+// Columns 8 v .. 8 v + 7 of scale row s, as Format::scale (whose vectors are 16 wide in AVX-512 builds).
+template <class F>
+inline __m256 scale8(const uint8_t* p, int s, int v) {
+  const uint8_t* at = p + (s * kPanel + v * 8) * F::kScaleBytes;
+  if (!F::kHalfScales) return _mm256_loadu_ps(reinterpret_cast<const float*>(at));
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+#else
+  float out[8];
+  for (int k = 0; k < 8; ++k) out[k] = half_to_float(load<uint16_t>(at + 2 * k));
+  return _mm256_loadu_ps(out);
+#endif
+}
+
 // Q4_*, int8 activations: R rows of xq (stride n_in, scales dx [R, blocks]) times one panel's blocks; the
 // minimums meet the sums of the rows' quantized blocks sx [R, blocks].
 template <int64_t K, int R>
@@ -292,7 +341,7 @@ void tile_i8(const int8_t* xq, const float* dx, const float* sx, const uint8_t* 
     for (int v = 0; v < kNV8; ++v) acc[r][v] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* codes = wp + b * F::kStride;
-    const float* d = reinterpret_cast<const float*>(codes + F::kCodeRows * kPanel);
+    const uint8_t* scales = codes + F::kCodeRows * kPanel;
     for (int64_t line = 0; line < F::kStride; line += 64) __builtin_prefetch(codes + kPrefetchBytes + line, 0, 3);
     __m256i s16[R][kNV8];
     for (int r = 0; r < R; ++r)
@@ -316,8 +365,8 @@ void tile_i8(const int8_t* xq, const float* dx, const float* sx, const uint8_t* 
       }
     }
     for (int v = 0; v < kNV8; ++v) {
-      const __m256 dv = _mm256_loadu_ps(d + v * 8);
-      const __m256 mv = K == kQ4_1 ? _mm256_loadu_ps(d + kPanel + v * 8) : _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f));
+      const __m256 dv = scale8<F>(scales, 0, v);
+      const __m256 mv = K == kQ4_0 ? _mm256_mul_ps(dv, _mm256_set1_ps(-8.0f)) : scale8<F>(scales, 1, v);
       for (int r = 0; r < R; ++r) {
         const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r][v], ones));
         acc[r][v] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dv, _mm256_set1_ps(dx[r * blocks + b])), acc[r][v]);
@@ -406,17 +455,18 @@ ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   int64_t stride;
   if (int8 && !kInt8)
     return ffi::Error::InvalidArgument("maxjax_qproject: this build has no int8 path (maxjax_int8_activations)");
-  if (int8 && kind != kQ4_0 && kind != kQ4_1)
-    return ffi::Error::InvalidArgument("maxjax_qproject: int8 activations are for Q4_0 and Q4_1 panels");
+  if (int8 && kind != kQ4_0 && kind != kQ4_1 && kind != kQ4_K)
+    return ffi::Error::InvalidArgument("maxjax_qproject: int8 activations are for Q4_0, Q4_1 and Q4_K panels");
   switch (kind) {
     case kQ8_0: stride = Format<kQ8_0>::kStride; break;
     case kQ4_0: stride = Format<kQ4_0>::kStride; break;
     case kQ4_1: stride = Format<kQ4_1>::kStride; break;
+    case kQ4_K: stride = Format<kQ4_K>::kStride; break;
     case kQ5_K: stride = Format<kQ5_K>::kStride; break;
     case kQ6_K: stride = Format<kQ6_K>::kStride; break;
     default:
       return ffi::Error::InvalidArgument(
-          "maxjax_qproject: kind is a ggml type: Q4_0 (2), Q4_1 (3), Q8_0 (8), Q5_K (13), Q6_K (14)");
+          "maxjax_qproject: kind is a ggml type: Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14)");
   }
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -439,6 +489,7 @@ ffi::Error QProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   switch (kind) {
     case kQ8_0: run<kQ8_0>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
     case kQ4_0: run<kQ4_0>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
+    case kQ4_K: run<kQ4_K>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;
     case kQ5_K: run<kQ5_K>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
     case kQ6_K: run<kQ6_K>(pool, xp, wp, yp, rows, n_in, n_out, false); break;
     default: run<kQ4_1>(pool, xp, wp, yp, rows, n_in, n_out, int8 != 0); break;

@@ -8,10 +8,11 @@ array
 `[ceil(out / P), in / 32, stride]`: for each panel of P output columns (the build's `Kernels.panel`, the last
 panel zero-padded) and each block of 32 inputs, the P columns' codes interleaved (`[32][P]` int8 for Q8_0;
 `[16][P]` bytes of two nibbles each for Q4_*, each column's bytes exactly as the file holds them), then their
-scales `d` `[P]` float32, then (Q4_1) their minimums `m` `[P]` float32. A K-quant's block of 32 is written as one of
-these with float32 scales, exactly (a float16 factor times a 6- or 8-bit integer): Q4_K as Q4_1 (d sc and -dmin m,
-its nibbles reordered), Q5_K as int8 codes 0..31 with d sc and -dmin m, Q6_K as int8 codes q - 32 with the
-scales of its two halves. One contiguous run per panel block, read
+scales `d` `[P]`, then (Q4_1) their minimums `m` `[P]`, float16 as the file holds them (a float32 copy read 20% more
+bytes a step). A K-quant's block of 32 is written as one of these with float32 scales, exactly (a float16 factor
+times a 6- or 8-bit integer): Q4_K as Q4_1's codes (its nibbles reordered) with d sc and -dmin m, Q5_K as int8
+codes 0..31 with d sc and -dmin m, Q6_K as int8 codes q - 32 with the scales of its two halves. One contiguous
+run per panel block, read
 once per call; the out axis first, so panels shard as `CpuPanels`' do. For the kernel's int8 activations
 (`int8=True`, Q4_* only), a block's codes are `[4][P][4]` instead: four of a column's bytes side by side.
 
@@ -41,29 +42,31 @@ class Kind:
     code_rows: int
     """Rows of P code bytes a block of a panel holds: 32 (one int8 per weight) or 16 (two nibbles per byte)."""
     scales: int
-    """float32 scale vectors after the codes: 1 (d) or 2 (d, m)."""
+    """Scale vectors after the codes: 1 (d) or 2 (d, m)."""
+    scale_bytes: int = 4
+    """Bytes of one scale: 2 where the file's float16 scales are kept as they are, 4 for a K-quant's products."""
     block_weights: int = BLOCK
     """Weights of one block in the file: 32, or a K-quant's super-block of 256."""
-    packed_as: int = 0
-    """The ggml type whose packed layout this one takes (the kernel's `kind` attribute): itself when 0."""
     halves: bool = False
     """Its two float32 vectors are the scales of the two halves of a block (Q6_K), not d and a minimum."""
 
     @property
-    def kernel_type(self) -> int:
-        return self.packed_as or self.ggml_type
+    def scale_dtype(self) -> np.dtype:
+        return np.dtype("<f2" if self.scale_bytes == 2 else "<f4")
 
     def stride(self, panel: int) -> int:
         """Bytes of one block of one panel in the packed array."""
-        return panel * (self.code_rows + 4 * self.scales)
+        return panel * (self.code_rows + self.scale_bytes * self.scales)
 
 
 KINDS: dict[str, Kind] = {
-    "q8_0": Kind(ggml_type=8, block_bytes=34, code_rows=32, scales=1),  # d: f16, 32 int8 q; w = d q
-    "q4_0": Kind(ggml_type=2, block_bytes=18, code_rows=16, scales=1),  # d: f16, 16 bytes of 4-bit q; w = d (q - 8)
-    "q4_1": Kind(ggml_type=3, block_bytes=20, code_rows=16, scales=2),  # d, m: f16, 16 bytes; w = d q + m
-    # d, dmin: f16, 12 bytes of 6-bit scales and minimums, 128 bytes of 4-bit q; w = d sc q - dmin m, packed as Q4_1
-    "q4_k": Kind(ggml_type=12, block_bytes=144, code_rows=16, scales=2, block_weights=256, packed_as=3),
+    "q8_0": Kind(ggml_type=8, block_bytes=34, code_rows=32, scales=1, scale_bytes=2),  # d: f16, 32 int8 q; w = d q
+    # d: f16, 16 bytes of 4-bit q; w = d (q - 8)
+    "q4_0": Kind(ggml_type=2, block_bytes=18, code_rows=16, scales=1, scale_bytes=2),
+    "q4_1": Kind(ggml_type=3, block_bytes=20, code_rows=16, scales=2, scale_bytes=2),  # d, m: f16, 16 bytes; d q + m
+    # d, dmin: f16, 12 bytes of 6-bit scales and minimums, 128 bytes of 4-bit q; w = d sc q - dmin m, packed as
+    # Q4_1's codes with float32 scales
+    "q4_k": Kind(ggml_type=12, block_bytes=144, code_rows=16, scales=2, block_weights=256),
     # as Q4_K, the fifth bits in 32 bytes before the low 4: packed as int8 codes 0..31 with d sc and -dmin m
     "q5_k": Kind(ggml_type=13, block_bytes=176, code_rows=32, scales=2, block_weights=256),
     # 128 bytes of low 4 bits, 64 of high 2, 16 int8 scales (one per 16 weights), d: f16; w = d sc (q - 32),
@@ -93,10 +96,10 @@ def _blocks(kind: Kind, raw: np.ndarray, out: int, in_: int) -> np.ndarray:
 
 def _codes_and_scales(kind: Kind, raw: np.ndarray, out: int, in_: int) -> tuple[np.ndarray, np.ndarray]:
     """The tensor's blocks of 32 as the packed layout holds them: codes uint8 [out, in / 32, code_rows] and scales
-    float32 [out, in / 32, scales] (d, then m)."""
+    [out, in / 32, scales] (d, then m) of `kind.scale_dtype`."""
     blocks = _blocks(kind, raw, out, in_)
     if kind.block_weights == BLOCK:
-        return blocks[..., 2 * kind.scales :], blocks[..., : 2 * kind.scales].copy().view("<f2").astype("<f4")
+        return blocks[..., 2 * kind.scales :], blocks[..., : 2 * kind.scales].copy().view("<f2")
     from maxjax.weights.ggml_blocks import k_scales
 
     n32 = in_ // BLOCK
@@ -135,7 +138,7 @@ def repack(kind: str, raw: np.ndarray, out: int, in_: int, panel: int, int8: boo
     panels, n_blocks = -(-out // panel), in_ // BLOCK
     codes = np.zeros((panels * panel, n_blocks, k.code_rows), np.uint8)  # zero codes and scales: zero weights
     codes[:out] = file_codes
-    padded_scales = np.zeros((panels * panel, n_blocks, k.scales), np.float32)
+    padded_scales = np.zeros((panels * panel, n_blocks, k.scales), k.scale_dtype)
     padded_scales[:out] = file_scales
     by_column = codes.reshape(panels, panel, n_blocks, k.code_rows // g, g)
     codes = by_column.transpose(0, 2, 3, 1, 4)  # [panels, B, code_rows / g, P, g]
@@ -160,7 +163,7 @@ def qproject(x: Any, packed: Any, kind: str, out: int, int8: bool = False) -> An
     import jax
 
     result = jax.ShapeDtypeStruct((*x.shape[:-1], out), np.float32)
-    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).kernel_type),
+    return jax.ffi.ffi_call(kernels.QUANT_TARGET, result)(x, packed, kind=np.int64(_kind(kind).ggml_type),
                                                           int8=np.int64(group(kind, int8) == 4))
 
 
@@ -251,8 +254,9 @@ def panel_rows(kind: str, packed: Any, rows: Any, panel: int, dtype: Any = np.fl
         return jnp.take_along_axis(grid, index, axis=-1)[..., 0].reshape(*rows_of_p.shape[:-1], count)
 
     codes = pick(blocks[..., : k.code_rows * panel], k.code_rows, group(kind, int8))
-    scale_bytes = blocks[..., k.code_rows * panel :].reshape(*blocks.shape[:-1], k.scales * panel, 4)
-    scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.float32)  # [..., n_blocks, scales * P]
+    scale_bytes = blocks[..., k.code_rows * panel :].reshape(*blocks.shape[:-1], k.scales * panel, k.scale_bytes)
+    scales = jax.lax.bitcast_convert_type(scale_bytes, jnp.float16 if k.scale_bytes == 2 else jnp.float32)
+    scales = scales.astype(jnp.float32)  # [..., n_blocks, scales * P]
     scales = pick(scales, k.scales)  # [..., n_blocks, scales]
     w = _values(k, codes, scales, dtype)
     return w.reshape(*rows.shape, -1)
