@@ -16,12 +16,11 @@
 // so w = d q (Q8_0), d (q - 8) (Q4_0), d q + m (Q4_1, Q4_K, Q5_K), d_half q (Q6_K), as ggml decodes them. The
 // scales are float16 where the file's are (Q8_0, Q4_0, Q4_1: its own bits, widened in registers with F16C) and
 // float32 where they are products (a K-quant's float16 factor times its 6- or 8-bit scale). A block of a panel is
-// one contiguous run (P = 16: 544 / 288 / 320 bytes for Q8_0 / Q4_0 / Q4_1), read once per call: with float32
-// scales a Q4_1 step read 20% more than the file holds (111.5 MB against 96.5 at batch 1 for SmolLM2), and batch 1
-// is bound by what it reads. As in project.cc, each input position's P codes (NV
-// vectors, widened to float in registers) meet x[r, i] broadcast for MR rows into MR x NV register sums, with no
-// horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i,
-// with each row's sum over each block computed once per call.
+// one contiguous run (P = 16: 544 / 288 / 320 bytes for Q8_0 / Q4_0 / Q4_1), read once per call (float32 copies of
+// the file's scales made SmolLM2's step read 111.5 MB where the file holds 96.6). As in project.cc, each input
+// position's P codes (NV vectors, widened to float in registers) meet x[r, i] broadcast for MR rows into MR x NV
+// register sums, with no horizontal sums; the scales are applied once per block: sum_i x_i (d q_i + m) =
+// d sum_i x_i q_i + m sum_i x_i, with each row's sum over each block computed once per call.
 //
 // With the `int8` attribute (AVX2 and AVX-512 builds, Q4_* only; `maxjax_int8_activations()`), the codes are
 // laid out [4][P][4] (four of a column's bytes side by side, kernels/quant.py) and x is quantized as llama.cpp
@@ -89,7 +88,8 @@ inline V load(const void* p) {
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
   if (exponent == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mantissa), -24);
-  const uint32_t bits = sign | (exponent == 31 ? 0x7f800000u | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13));
+  const uint32_t magnitude = exponent == 31 ? 0x7f800000u : (exponent + 112) << 23;
+  const uint32_t bits = sign | magnitude | (mantissa << 13);
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
