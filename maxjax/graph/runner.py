@@ -436,6 +436,8 @@ class ModelRunner:
     def fetch(self, tree: Any) -> Any:
         """Host copies of the arrays of `tree` (step results, replicated): on several processes, each array's shard
         on this process, since the whole array is not addressable from one."""
+        if jax.process_count() == 1:  # every array is addressable: no per-leaf pass on the step's path
+            return jax.device_get(tree)
         return jax.device_get(jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree))
 
     def encode_images(self, pixels: Sequence[np.ndarray], slots: Sequence[int]) -> None:
